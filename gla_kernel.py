@@ -1,0 +1,520 @@
+"""
+Gated Linear Attention (GLA): a naive reference, a PyTorch chunked path, and a compact Triton kernel.
+
+Layout (as flash-linear-attention's chunk_gla): q, k, g are [B, T, H, K]; v and o are [B, T, H, V].
+g is a log-space forget gate, g <= 0 (DiG uses logsigmoid(x) / 16). For each batch and head a state S of
+shape [K, V] is carried through time in float32:
+
+    S_t = diag(exp(g_t)) @ S_{t-1} + k_t^T v_t        # decay first, then write this token
+    o_t = scale * q_t @ S_t
+
+That loop is exact but sequential in T. The chunked form cuts the sequence into chunks of C tokens. With
+G the cumulative sum of g inside a chunk (G_last its last row), a chunk needs only the state it starts from:
+
+    o_chunk = scale * (q * exp(G)) @ S_prev  +  scale * tril((q * exp(G)) (k * exp(-G))^T) @ v
+    S_next  = diag(exp(G_last)) @ S_prev  +  (k * exp(G_last - G))^T @ v
+
+The trap is exp(-G): with strongly negative gates (g = -5 over 64 tokens is e^320) it overflows. Every
+exponent below is therefore a difference "later G minus earlier G", which is never positive:
+  * the state path uses exp(G) and exp(G_last - G) only;
+  * inside a chunk we walk sub-chunks of 16 tokens, carrying the state, and the 16 x 16 intra-sub-chunk
+    weights exp(G_i - G_j), i >= j, are formed element-wise in float32 ([16, 16, K] in registers).
+
+The Triton version runs in two steps, forward and backward alike:
+  1. a scan over chunks of 64 tokens (sequential in T, parallel over batch, head and tiles of the state)
+     that stores the state at every chunk boundary (forward) or the state's gradient (backward);
+  2. a kernel that is parallel over all chunks: given its boundary state, each chunk computes its outputs
+     (forward) or dq, dk, dv, dg (backward) by walking its four sub-chunks.
+
+Gradient of the gate: o depends on g only through q_t exp(G_t) and k_t exp(-G_t) (G the cumulative sum
+over the whole sequence), so dL/dG_t = q_t * dq_t - k_t * dk_t and dg_t is its reverse cumulative sum.
+Inside a chunk we take that sum directly; the part contributed by all later chunks collapses to
+sum_v(S_end * dS_end), the state at the chunk's end times the gradient flowing into it from later chunks.
+
+Sections: 1. reference and PyTorch chunked path  2. Triton kernels  3. autograd wrapper  4. benchmark.
+"""
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 1. The reference recurrence and the PyTorch chunked path
+
+
+def _check_inputs(q, k, v, g, initial_state):
+    if q.dim() != 4 or k.shape != q.shape or g.shape != q.shape:
+        raise ValueError(f"q, k and g must all be [B, T, H, K]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"g {tuple(g.shape)}")
+    B, T, H, K = q.shape
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be [B, T, H, V] with B, T, H = {B}, {T}, {H} as in q; got {tuple(v.shape)}")
+    if T < 1:
+        raise ValueError("the sequence must hold at least one token (T >= 1)")
+    V = v.shape[-1]
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
+        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}; got {tuple(initial_state.shape)}")
+    dtypes = {q.dtype, k.dtype, v.dtype, g.dtype}
+    if len(dtypes) != 1:
+        raise ValueError(f"q, k, v and g must share one dtype; got {sorted(str(d) for d in dtypes)}")
+
+
+def naive_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
+    """The GLA recurrence, one token at a time: the ground truth for everything else in this file.
+
+    Computes in float32 (float64 when given float64) and returns (o in the input dtype, final state or None).
+    """
+    _check_inputs(q, k, v, g, initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v, g = (x.to(acc) for x in (q, k, v, g))
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
+    o = []
+    for t in range(T):
+        S = g[:, t, :, :, None].exp() * S + k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, H, K, V]
+        o.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    o = torch.stack(o, dim=1)                                                          # [B, T, H, V]
+    return o.to(v.dtype), (S if output_final_state else None)
+
+
+def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_state=False, check_gate=True,
+                    chunk_size=16):
+    """The chunked algorithm in plain PyTorch (autograd does the backward): the model's path on a CPU.
+
+    Same arguments and result as chunk_gla (any device, dtype and head size), but no custom kernels: the
+    T-long loop becomes T / chunk_size steps of matrix work. Gates must be <= 0, as for chunk_gla.
+    """
+    _check_inputs(q, k, v, g, initial_state)
+    if check_gate:
+        _check_gate(g)
+    B, T, H, K = q.shape
+    V, C = v.shape[-1], chunk_size
+    scale = K ** -0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    n = math.ceil(T / C)
+    # Pad T up to n * C. Padded tokens have q = k = v = 0 and g = 0 (no decay), so they change nothing.
+    pad = lambda x: F.pad(x.to(acc), (0, 0, 0, 0, 0, n * C - T))
+    # [B, T, H, D] -> [B, H, n, C, D]
+    q, k, v, g = (pad(x).view(B, n, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q, k, v, g))
+    G = g.cumsum(dim=3)                                            # cumulative gate inside each chunk
+    G_last = G[:, :, :, -1:, :]                                    # [B, H, n, 1, K]
+
+    # Inside a chunk: A[i, j] = scale * sum_k q_ik k_jk exp(G_ik - G_jk) for i >= j, formed element-wise so
+    # that no exponent is positive (masked before exp, so the masked entries are exactly 0).
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    decay = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~causal[..., None], -math.inf).exp()
+    A = scale * torch.einsum("bhnik,bhnjk,bhnijk->bhnij", q, k, decay)  # [B, H, n, C, C]
+    o = A @ v                                                       # [B, H, n, C, V]
+
+    # Across chunks: carry the state, one step per chunk.
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
+    q_decayed = q * G.exp()                                         # exp(G) <= 1
+    k_decayed = k * (G_last - G).exp()                              # exp(G_last - G) <= 1
+    o_inter = []
+    for i in range(n):
+        o_inter.append(scale * q_decayed[:, :, i] @ S)              # [B, H, C, V]
+        S = G_last[:, :, i, 0, :, None].exp() * S + k_decayed[:, :, i].transpose(-1, -2) @ v[:, :, i]
+    o = o + torch.stack(o_inter, dim=2)
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]    # back to [B, T, H, V]
+    return o.to(v.dtype), (S if output_final_state else None)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 2. Triton kernels
+#
+# CHUNK = 64 tokens between stored states; SUB = 16 tokens per step inside a chunk (16 is the smallest tile
+# tl.dot accepts, and it keeps the element-wise [16, 16, K] decay tile small enough for registers).
+# Token t of batch b, head h, feature d lives at ((b * T + t) * H + h) * D + d.
+
+CHUNK, SUB = 64, 16
+
+
+@triton.jit
+def _load_tile(ptr, b, h, t, cols, T, H: tl.constexpr, D: tl.constexpr):
+    """Rows t (token indices) and columns `cols` of one head, as a [len(t), len(cols)] tile; rows past T are 0."""
+    offs = ((b * T + t[:, None]).to(tl.int64) * H + h) * D + cols[None, :]
+    return tl.load(ptr + offs, mask=(t < T)[:, None], other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, x, b, h, t, cols, T, H: tl.constexpr, D: tl.constexpr):
+    offs = ((b * T + t[:, None]).to(tl.int64) * H + h) * D + cols[None, :]
+    tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=(t < T)[:, None])
+
+
+@triton.jit
+def _intra_decay(G, SUB: tl.constexpr):
+    """exp(G_i - G_j) for i >= j and 0 above the diagonal: a [SUB, SUB, K] tile with no positive exponent."""
+    i = tl.arange(0, SUB)
+    causal = (i[:, None] >= i[None, :])[:, :, None]
+    return tl.exp(tl.where(causal, G[:, None, :] - G[None, :, :], float("-inf")))
+
+
+@triton.jit
+def _fwd_states_kernel(k, v, g, h0, h, T, NT, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr, HAS_H0: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Forward scan over chunks: h[b, h, n] = the state before chunk n; h[b, h, NT] = the final state.
+
+    Grid (K / BK, V / BV, B * H): each program owns one [BK, BV] tile of the state; tiles evolve independently.
+    """
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, hh = i_bh // H, i_bh % H
+    rk, rv = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    tile = rk[:, None] * V + rv[None, :]
+    if HAS_H0:
+        S = tl.load(h0 + i_bh.to(tl.int64) * K * V + tile).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    h_bh = h + i_bh.to(tl.int64) * (NT + 1) * K * V
+    for n in range(NT):
+        tl.store(h_bh + n * K * V + tile, S)
+        t = n * CHUNK + tl.arange(0, CHUNK)
+        kc = _load_tile(k, b, hh, t, rk, T, H, K)                              # [CHUNK, BK]
+        gc = _load_tile(g, b, hh, t, rk, T, H, K).to(tl.float32)
+        vc = _load_tile(v, b, hh, t, rv, T, H, V)                              # [CHUNK, BV]
+        G = tl.cumsum(gc, axis=0)
+        G_last = tl.sum(gc, axis=0)                                            # [BK]
+        k_decayed = (kc * tl.exp(G_last[None, :] - G)).to(vc.dtype)
+        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_decayed), vc, input_precision=PRECISION)
+    tl.store(h_bh + NT * K * V + tile, S)
+
+
+@triton.jit
+def _fwd_output_kernel(q, k, v, g, h, o, T, NT, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                       CHUNK: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
+    """Outputs of one chunk, given the state it starts from. Grid (NT, B * H), every chunk in parallel.
+
+    Walks the chunk in sub-chunks of SUB tokens: the state carries everything before the sub-chunk, the
+    element-wise decay tile covers the causal interactions inside it.
+    """
+    n, i_bh = tl.program_id(0), tl.program_id(1)
+    b, hh = i_bh // H, i_bh % H
+    rk, rv = tl.arange(0, K), tl.arange(0, V)
+    S = tl.load(h + (i_bh.to(tl.int64) * (NT + 1) + n) * K * V + rk[:, None] * V + rv[None, :])  # [K, V]
+    for s in range(CHUNK // SUB):
+        t = n * CHUNK + s * SUB + tl.arange(0, SUB)
+        qs = _load_tile(q, b, hh, t, rk, T, H, K).to(tl.float32)               # [SUB, K]
+        ks = _load_tile(k, b, hh, t, rk, T, H, K).to(tl.float32)
+        gs = _load_tile(g, b, hh, t, rk, T, H, K).to(tl.float32)
+        vs = _load_tile(v, b, hh, t, rv, T, H, V)                              # [SUB, V]
+        G = tl.cumsum(gs, axis=0)
+        G_last = tl.sum(gs, axis=0)
+        A = tl.sum(qs[:, None, :] * ks[None, :, :] * _intra_decay(G, SUB), axis=2) * scale   # [SUB, SUB]
+        q_decayed = (qs * tl.exp(G) * scale).to(vs.dtype)
+        os = tl.dot(q_decayed, S.to(vs.dtype), input_precision=PRECISION)
+        os += tl.dot(A.to(vs.dtype), vs, input_precision=PRECISION)
+        _store_tile(o, os, b, hh, t, rv, T, H, V)
+        k_decayed = (ks * tl.exp(G_last[None, :] - G)).to(vs.dtype)
+        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_decayed), vs, input_precision=PRECISION)
+
+
+@triton.jit
+def _bwd_states_kernel(q, g, do, dht, dh, dh0, T, NT, scale, H: tl.constexpr, K: tl.constexpr,
+                       V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
+                       HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr, PRECISION: tl.constexpr):
+    """Backward scan over chunks: dh[b, h, n] = gradient of the state at the END of chunk n, from later chunks.
+
+    The mirror image of _fwd_states_kernel: dS_prev = exp(G_last) * dS + scale * (q * exp(G))^T @ do.
+    What is left after chunk 0 is the gradient of the initial state.
+    """
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, hh = i_bh // H, i_bh % H
+    rk, rv = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    tile = rk[:, None] * V + rv[None, :]
+    if HAS_DHT:
+        dS = tl.load(dht + i_bh.to(tl.int64) * K * V + tile).to(tl.float32)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    dh_bh = dh + i_bh.to(tl.int64) * NT * K * V
+    for n in range(NT - 1, -1, -1):
+        tl.store(dh_bh + n * K * V + tile, dS)
+        t = n * CHUNK + tl.arange(0, CHUNK)
+        qc = _load_tile(q, b, hh, t, rk, T, H, K)
+        gc = _load_tile(g, b, hh, t, rk, T, H, K).to(tl.float32)
+        doc = _load_tile(do, b, hh, t, rv, T, H, V)
+        G = tl.cumsum(gc, axis=0)
+        G_last = tl.sum(gc, axis=0)
+        q_decayed = (qc * tl.exp(G) * scale).to(doc.dtype)
+        dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_decayed), doc, input_precision=PRECISION)
+    if HAS_H0:
+        tl.store(dh0 + i_bh.to(tl.int64) * K * V + tile, dS)
+
+
+@triton.jit
+def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, scale, H: tl.constexpr, K: tl.constexpr,
+                      V: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
+    """dq, dk, dv, dg of one chunk, given its start state h[n] and end-state gradient dh[n]. Grid (NT, B * H).
+
+    A forward walk over the sub-chunks (carrying the state) gives dq; a backward walk (carrying the state's
+    gradient) gives dk and dv. dg_t = sum over later tokens t' >= t of (q*dq - k*dk)_t', split as
+    [everything after this chunk] + [sum over the chunk of q*dq] - [q*dq before t] - [k*dk from t on].
+    The first term is sum_v(S_end * dS_end); the forward walk leaves -[q*dq before t] in dg for the
+    backward walk to finish.
+    """
+    n, i_bh = tl.program_id(0), tl.program_id(1)
+    b, hh = i_bh // H, i_bh % H
+    rk, rv = tl.arange(0, K), tl.arange(0, V)
+    i = tl.arange(0, SUB)
+    S = tl.load(h + (i_bh.to(tl.int64) * (NT + 1) + n) * K * V + rk[:, None] * V + rv[None, :])   # [K, V]
+
+    # Forward walk: dq_i = scale * (do_i @ S^T * exp(G_i) + sum_{j<=i} (do_i . v_j) k_j exp(G_i - G_j)).
+    qdq_before = tl.zeros([K], dtype=tl.float32)
+    for s in range(CHUNK // SUB):
+        t = n * CHUNK + s * SUB + i
+        qs = _load_tile(q, b, hh, t, rk, T, H, K).to(tl.float32)
+        ks = _load_tile(k, b, hh, t, rk, T, H, K).to(tl.float32)
+        gs = _load_tile(g, b, hh, t, rk, T, H, K).to(tl.float32)
+        vs = _load_tile(v, b, hh, t, rv, T, H, V)
+        dos = _load_tile(do, b, hh, t, rv, T, H, V)
+        G = tl.cumsum(gs, axis=0)
+        G_last = tl.sum(gs, axis=0)
+        dA = tl.dot(dos, tl.trans(vs), input_precision=PRECISION)              # [SUB, SUB], do_i . v_j
+        dqs = tl.dot(dos, tl.trans(S.to(dos.dtype)), input_precision=PRECISION) * tl.exp(G)
+        dqs += tl.sum(dA[:, :, None] * _intra_decay(G, SUB) * ks[None, :, :], axis=1)
+        dqs *= scale
+        _store_tile(dq, dqs, b, hh, t, rk, T, H, K)
+        qdq = qs * dqs
+        _store_tile(dg, -(qdq_before[None, :] + tl.cumsum(qdq, axis=0) - qdq), b, hh, t, rk, T, H, K)
+        qdq_before += tl.sum(qdq, axis=0)
+        k_decayed = (ks * tl.exp(G_last[None, :] - G)).to(vs.dtype)
+        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_decayed), vs, input_precision=PRECISION)
+
+    # S is now the state at the end of the chunk.
+    dS = tl.load(dh + (i_bh.to(tl.int64) * NT + n) * K * V + rk[:, None] * V + rv[None, :])      # [K, V]
+    dg_carry = tl.sum(S * dS, axis=1) + qdq_before
+    tl.debug_barrier()   # the backward walk reads back what other threads of this program wrote to dg
+
+    # Backward walk: dk_j = exp(G_last - G_j) * (v_j @ dS^T) + scale * sum_{i>=j} (do_i . v_j) q_i exp(G_i - G_j),
+    #                dv_j = (k_j exp(G_last - G_j)) @ dS + sum_{i>=j} A_ij do_i.
+    kdk_after = tl.zeros([K], dtype=tl.float32)
+    for s_rev in range(CHUNK // SUB):
+        s = CHUNK // SUB - 1 - s_rev
+        t = n * CHUNK + s * SUB + i
+        qs = _load_tile(q, b, hh, t, rk, T, H, K).to(tl.float32)
+        ks = _load_tile(k, b, hh, t, rk, T, H, K).to(tl.float32)
+        gs = _load_tile(g, b, hh, t, rk, T, H, K).to(tl.float32)
+        vs = _load_tile(v, b, hh, t, rv, T, H, V)
+        dos = _load_tile(do, b, hh, t, rv, T, H, V)
+        G = tl.cumsum(gs, axis=0)
+        G_last = tl.sum(gs, axis=0)
+        decay = _intra_decay(G, SUB)                                          # [SUB, SUB, K]
+        A = tl.sum(qs[:, None, :] * ks[None, :, :] * decay, axis=2) * scale  # [SUB, SUB]
+        dA = tl.dot(dos, tl.trans(vs), input_precision=PRECISION)
+        to_end = tl.exp(G_last[None, :] - G)                                  # [SUB, K]
+        dks = tl.dot(vs, tl.trans(dS.to(vs.dtype)), input_precision=PRECISION) * to_end
+        dks += scale * tl.sum(dA[:, :, None] * decay * qs[:, None, :], axis=0)
+        dvs = tl.dot((ks * to_end).to(vs.dtype), dS.to(vs.dtype), input_precision=PRECISION)
+        dvs += tl.dot(tl.trans(A.to(dos.dtype)), dos, input_precision=PRECISION)
+        kdk = ks * dks
+        kdk_from_t = kdk_after[None, :] + tl.sum(kdk, axis=0)[None, :] - tl.cumsum(kdk, axis=0) + kdk
+        dgs = dg_carry[None, :] + _load_tile(dg, b, hh, t, rk, T, H, K) - kdk_from_t
+        _store_tile(dk, dks, b, hh, t, rk, T, H, K)
+        _store_tile(dv, dvs, b, hh, t, rv, T, H, V)
+        _store_tile(dg, dgs, b, hh, t, rk, T, H, K)
+        kdk_after += tl.sum(kdk, axis=0)
+        q_decayed = (qs * tl.exp(G) * scale).to(dos.dtype)
+        dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_decayed), dos, input_precision=PRECISION)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 3. The autograd wrapper
+
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launch_config(K, V):
+    """Tile of the state per scan program (more, smaller tiles = more parallel programs) and warps per chunk."""
+    state_tile = (min(K, 32), min(V, 32))
+    chunk_warps = 4 if max(K, V) <= 64 else 8
+    return state_tile, chunk_warps
+
+
+def _precision(dtype):
+    # fp32 inputs get true fp32 products (Triton's default for fp32 is tf32, ~3e-4 relative error).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class ChunkGLA(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        NT = triton.cdiv(T, CHUNK)
+        (BK, BV), warps = _launch_config(K, V)
+        prec = _precision(q.dtype)
+        h = torch.empty(B, H, NT + 1, K, V, device=q.device, dtype=torch.float32)  # state at every chunk boundary
+        _fwd_states_kernel[(K // BK, V // BV, B * H)](
+            k, v, g, initial_state, h, T, NT, scale, H, K, V, BK, BV, CHUNK,
+            HAS_H0=initial_state is not None, PRECISION=prec)
+        o = torch.empty_like(v)
+        _fwd_output_kernel[(NT, B * H)](q, k, v, g, h, o, T, NT, scale, H, K, V, CHUNK, SUB, prec,
+                                        num_warps=warps)
+        ctx.save_for_backward(q, k, v, g, h)
+        ctx.scale, ctx.has_initial_state = scale, initial_state is not None
+        final_state = h[:, :, NT].clone() if output_final_state else None
+        return o, final_state
+
+    @staticmethod
+    def backward(ctx, do, d_final_state):
+        q, k, v, g, h = ctx.saved_tensors
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        NT = triton.cdiv(T, CHUNK)
+        (BK, BV), warps = _launch_config(K, V)
+        prec = _precision(q.dtype)
+        do = do.contiguous()
+        if d_final_state is not None:
+            d_final_state = d_final_state.contiguous()
+        dh = torch.empty(B, H, NT, K, V, device=q.device, dtype=torch.float32)
+        dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if ctx.has_initial_state else None
+        _bwd_states_kernel[(K // BK, V // BV, B * H)](
+            q, g, do, d_final_state, dh, dh0, T, NT, ctx.scale, H, K, V, BK, BV, CHUNK,
+            HAS_DHT=d_final_state is not None, HAS_H0=ctx.has_initial_state, PRECISION=prec)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dg = torch.empty(g.shape, device=g.device, dtype=torch.float32)  # fp32: read back inside the kernel
+        _bwd_chunk_kernel[(NT, B * H)](q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, ctx.scale, H, K, V,
+                                       CHUNK, SUB, prec, num_warps=warps)
+        return dq, dk, dv, dg.to(g.dtype), None, dh0, None
+
+
+def _check_gate(g):
+    if g.numel() and g.max() > 0:
+        raise ValueError(f"gates must be log-space forget gates, g <= 0 (e.g. logsigmoid(x) / 16); "
+                         f"got a maximum of {g.max().item():.4g}")
+
+
+def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, check_gate=True):
+    """Gated linear attention with the Triton kernels (forward and backward). Returns (o, final_state or None).
+
+    q, k, g: [B, T, H, K]; v: [B, T, H, V]; initial_state: [B, H, K, V] or None; any T >= 1.
+    K and V each one of 16, 32, 64, 128; dtype float16, bfloat16 or float32 (all four the same); CUDA tensors
+    (CPU tensors only under TRITON_INTERPRET=1). Non-contiguous inputs are copied to contiguous ones.
+    Accumulation and the state are float32; o has the dtype of v, the final state is float32.
+
+    g must be <= 0. With check_gate=True (the default) a positive gate raises ValueError; the check reads
+    g.max(), which costs a device synchronisation, so callers whose gates are <= 0 by construction (DiG's
+    logsigmoid(x) / 16) pass check_gate=False. An unchecked positive gate makes exp(G_i - G_j) grow instead
+    of decay: results stay right while the summed gates fit float32 and turn to inf or NaN after that.
+    """
+    _check_inputs(q, k, v, g, initial_state)
+    K, V = q.shape[-1], v.shape[-1]
+    if K not in HEAD_DIMS or V not in HEAD_DIMS:
+        raise ValueError(f"chunk_gla supports head dims K, V in {HEAD_DIMS}; got K={K}, V={V} "
+                         f"(chunk_gla_torch takes any size)")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"chunk_gla supports dtypes {DTYPES}; got {q.dtype}")
+    tensors = [q, k, v, g] + ([initial_state] if initial_state is not None else [])
+    if not all(x.is_cuda for x in tensors) and not _interpreting():
+        raise ValueError("chunk_gla runs Triton GPU kernels: pass CUDA tensors (all of q, k, v, g and "
+                         "initial_state); for CPU tensors use chunk_gla_torch, or set TRITON_INTERPRET=1 "
+                         "before importing triton to run the kernels in Triton's (slow) interpreter")
+    if len({x.device for x in tensors}) != 1:
+        raise ValueError(f"all inputs must be on one device; got {sorted({str(x.device) for x in tensors})}")
+    if check_gate:
+        _check_gate(g)
+    scale = K ** -0.5 if scale is None else float(scale)
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    return ChunkGLA.apply(q, k, v, g, scale, initial_state, output_final_state)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 4. Benchmark: python gla_kernel.py  (on a GPU)
+#
+# DiG-S/2 shapes: H = 6 heads, K = 32, V = 64, B * T = 16384 tokens (B images of T tokens, 256 to 2048 px).
+# Baselines side by side: the PyTorch chunked path, softmax attention through scaled_dot_product_attention
+# (FlashAttention, head dim 64, non-causal as in DiT) and, when installed, flash-linear-attention's chunk_gla.
+
+
+def _bench_inputs(B, T, H, K, V, dtype, device="cuda"):
+    q, k = (torch.randn(B, T, H, K, device=device, dtype=dtype) for _ in range(2))
+    v = torch.randn(B, T, H, V, device=device, dtype=dtype)
+    g = (F.logsigmoid(torch.randn(B, T, H, K, device=device)) / 16).to(dtype)
+    return [x.requires_grad_() for x in (q, k, v, g)]
+
+
+def _time_and_memory(fn, inputs, backward):
+    """Median ms (triton.testing.do_bench) and peak memory beyond the inputs (MB) of fn, or fn + backward."""
+    from triton.testing import do_bench
+    do = torch.randn_like(fn(*inputs))
+
+    def step():
+        out = fn(*inputs)
+        if backward:
+            out.backward(do)
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 1e6
+    ms = do_bench(step, warmup=25, rep=100, grad_to_none=inputs, return_mode="median")
+    return ms, peak
+
+
+def benchmark(lengths=(256, 1024, 4096, 12544, 16384), tokens=16384, H=6, K=32, V=64, dtype=torch.bfloat16):
+    try:
+        from fla.ops.gla import chunk_gla as fla_chunk_gla
+    except ImportError:
+        fla_chunk_gla = None
+    methods = {
+        "dig chunk_gla": lambda q, k, v, g: chunk_gla(q, k, v, g, check_gate=False)[0],
+        "torch chunked": lambda q, k, v, g: chunk_gla_torch(q, k, v, g, check_gate=False)[0],
+        "sdpa (d=64)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+    }
+    if fla_chunk_gla is not None:
+        methods["fla chunk_gla"] = lambda q, k, v, g: fla_chunk_gla(q, k, v, g)[0]
+    elem = torch.finfo(dtype).bits // 8
+    rows = []
+    for T in lengths:
+        B = max(1, tokens // T)
+        # Bytes that must move: forward reads q, k, v, g and writes o; backward reads q, k, v, g, do and
+        # writes dq, dk, dv, dg.
+        per_token = H * elem * ((3 * K + 2 * V) + (3 * K + 2 * V) + (3 * K + V))
+        gla_inputs = _bench_inputs(B, T, H, K, V, dtype)
+        sdpa_inputs = [torch.randn(B, H, T, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
+        for name, fn in methods.items():
+            inputs = sdpa_inputs if name.startswith("sdpa") else gla_inputs
+            if name == "torch chunked" and T > 4096:
+                continue  # a Python loop over T / 16 chunks: too slow to be worth timing at these lengths
+            try:
+                fwd_ms, _ = _time_and_memory(fn, inputs, backward=False)
+                fb_ms, peak = _time_and_memory(fn, inputs, backward=True)
+            except torch.cuda.OutOfMemoryError:
+                rows.append((T, B, name, None, None, None, None))
+                continue
+            gbs = per_token * B * T / (fb_ms * 1e-3) / 1e9 if "gla" in name or "chunked" in name else None
+            rows.append((T, B, name, fwd_ms, fb_ms, peak, gbs))
+    print(f"\nGLA benchmark on {torch.cuda.get_device_name()}, {dtype}, H={H} K={K} V={V}, B*T={tokens}, "
+          f"torch {torch.__version__}, triton {triton.__version__}")
+    print(f"bytes that must move, forward+backward: {per_token * tokens / 1e6:.1f} MB")
+    print(f"{'T':>6} {'B':>3}  {'method':<14} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MB':>8} {'GB/s (fwd+bwd)':>15}")
+    for T, B, name, fwd_ms, fb_ms, peak, gbs in rows:
+        if fwd_ms is None:
+            print(f"{T:>6} {B:>3}  {name:<14} {'OOM':>8}")
+            continue
+        print(f"{T:>6} {B:>3}  {name:<14} {fwd_ms:>8.3f} {fb_ms:>11.3f} {peak:>8.0f} "
+              f"{'' if gbs is None else f'{gbs:>15.0f}'}")
+    return rows
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("the benchmark needs a CUDA GPU; `pytest test_dig.py` checks correctness on a CPU")
+    benchmark()
