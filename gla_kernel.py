@@ -157,59 +157,98 @@ def _intra_decay(G, SUB: tl.constexpr):
     return tl.exp(tl.where(causal, G[:, None, :] - G[None, :, :], float("-inf")))
 
 
-@triton.jit
-def _fwd_states_kernel(k, v, g, h0, h, T, NT, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr, HAS_H0: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """Forward scan over chunks: h[b, h, n] = the state before chunk n; h[b, h, NT] = the final state.
-
-    Grid (K / BK, V / BV, B * H): each program owns one [BK, BV] tile of the state; tiles evolve independently.
-    """
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, hh = i_bh // H, i_bh % H
-    rk, rv = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
-    tile = rk[:, None] * V + rv[None, :]
-    if HAS_H0:
-        S = tl.load(h0 + i_bh.to(tl.int64) * K * V + tile).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-    h_bh = h + i_bh.to(tl.int64) * (NT + 1) * K * V
-    for n in range(NT):
-        tl.store(h_bh + n * K * V + tile, S)
-        t = n * CHUNK + tl.arange(0, CHUNK)
-        kc = _load_tile(k, b, hh, t, rk, T, H, K)                              # [CHUNK, BK]
-        gc = _load_tile(g, b, hh, t, rk, T, H, K).to(tl.float32)
-        vc = _load_tile(v, b, hh, t, rv, T, H, V)                              # [CHUNK, BV]
-        G = tl.cumsum(gc, axis=0)
-        G_last = tl.sum(gc, axis=0)                                            # [BK]
-        k_decayed = (kc * tl.exp(G_last[None, :] - G)).to(vc.dtype)
-        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_decayed), vc, input_precision=PRECISION)
-    tl.store(h_bh + NT * K * V + tile, S)
+# Inside a sub-chunk, exp(G_i - G_j) = exp(G_i) * exp(-G_j) turns the [SUB, SUB, K] element-wise work into one
+# small matrix product, which is far cheaper. That is safe while exp(-G) fits float32 (up to e^88), so the
+# kernels take it when the sub-chunk's summed gate stays above -FACTOR_LIMIT (always, with DiG's gates) and
+# fall back to the element-wise tile otherwise. Both factors and the product stay in float32.
+FACTOR_LIMIT = 60.0
 
 
 @triton.jit
-def _fwd_output_kernel(q, k, v, g, h, o, T, NT, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                       CHUNK: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
-    """Outputs of one chunk, given the state it starts from. Grid (NT, B * H), every chunk in parallel.
+def _chunk_update_kernel(x, y, g, out, gate_sum, T, NT, scale, H: tl.constexpr, K: tl.constexpr,
+                         V: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr):
+    """What chunk n adds to the scan, for all chunks in parallel. Grid (NT, B * H).
 
-    Walks the chunk in sub-chunks of SUB tokens: the state carries everything before the sub-chunk, the
-    element-wise decay tile covers the causal interactions inside it.
+      forward  (x = k, y = v):   U_n = (k * exp(G_last - G))^T @ v      -> out slot n + 1
+      backward (x = q, y = do):  U_n = scale * (q * exp(G))^T @ do     -> out slot n
+    and gate_sum[n] = G_last, the chunk's total log decay. out has NT + 1 slots, one per chunk boundary.
     """
     n, i_bh = tl.program_id(0), tl.program_id(1)
     b, hh = i_bh // H, i_bh % H
     rk, rv = tl.arange(0, K), tl.arange(0, V)
-    S = tl.load(h + (i_bh.to(tl.int64) * (NT + 1) + n) * K * V + rk[:, None] * V + rv[None, :])  # [K, V]
+    t = n * CHUNK + tl.arange(0, CHUNK)
+    xc = _load_tile(x, b, hh, t, rk, T, H, K)                                  # [CHUNK, K]
+    gc = _load_tile(g, b, hh, t, rk, T, H, K).to(tl.float32)
+    yc = _load_tile(y, b, hh, t, rv, T, H, V)                                  # [CHUNK, V]
+    G = tl.cumsum(gc, axis=0)
+    G_last = tl.sum(gc, axis=0)                                                # [K]
+    if REVERSE:
+        x_decayed = xc * tl.exp(G) * scale
+        slot = n
+    else:
+        x_decayed = xc * tl.exp(G_last[None, :] - G)
+        slot = n + 1
+    U = tl.dot(tl.trans(x_decayed.to(yc.dtype)), yc, input_precision=PRECISION)  # [K, V]
+    tl.store(out + ((i_bh.to(tl.int64) * (NT + 1) + slot) * K + rk[:, None]) * V + rv[None, :], U)
+    tl.store(gate_sum + (i_bh.to(tl.int64) * NT + n) * K + rk, G_last)
+
+
+@triton.jit
+def _scan_kernel(states, gate_sum, initial, NT, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, HAS_INITIAL: tl.constexpr, REVERSE: tl.constexpr):
+    """The one sequential step: S <- exp(G_last of chunk n) * S + U_n, chunk after chunk, on a [BK, BV] tile.
+
+    Grid (K / BK, V / BV, B * H). On entry `states` holds the updates U_n; on exit, the value at every chunk
+    boundary: forward, the state before chunk n in slot n (slot NT: the final state); backward, the gradient
+    of the state after chunk n in slot n + 1 (slot 0: the initial state's gradient).
+    """
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rk, rv = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    tile = rk[:, None] * V + rv[None, :]
+    if HAS_INITIAL:
+        S = tl.load(initial + i_bh.to(tl.int64) * K * V + tile).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    base = states + i_bh.to(tl.int64) * (NT + 1) * K * V
+    for i in range(NT):
+        if REVERSE:
+            n, read, write = NT - 1 - i, NT - 1 - i, NT - i
+        else:
+            n, read, write = i, i + 1, i
+        U = tl.load(base + read * K * V + tile)
+        tl.store(base + write * K * V + tile, S)
+        S = tl.exp(tl.load(gate_sum + (i_bh.to(tl.int64) * NT + n) * K + rk))[:, None] * S + U
+    tl.store(base + (0 if REVERSE else NT) * K * V + tile, S)
+
+
+@triton.jit
+def _fwd_output_kernel(q, k, v, g, h, o, T, NT, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                       CHUNK: tl.constexpr, SUB: tl.constexpr, FACTOR_LIMIT: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Outputs of one chunk, given the state before it (h[n]). Grid (NT, B * H), all chunks in parallel.
+
+    Walks the chunk in sub-chunks of SUB tokens: the carried state covers everything before the sub-chunk,
+    the weights A = scale * tril(q_i k_j exp(G_i - G_j)) the causal interactions inside it.
+    """
+    n, i_bh = tl.program_id(0), tl.program_id(1)
+    b, hh = i_bh // H, i_bh % H
+    rk, rv, i = tl.arange(0, K), tl.arange(0, V), tl.arange(0, SUB)
+    causal = i[:, None] >= i[None, :]
+    S = tl.load(h + ((i_bh.to(tl.int64) * (NT + 1) + n) * K + rk[:, None]) * V + rv[None, :])   # [K, V]
     for s in range(CHUNK // SUB):
-        t = n * CHUNK + s * SUB + tl.arange(0, SUB)
+        t = n * CHUNK + s * SUB + i
         qs = _load_tile(q, b, hh, t, rk, T, H, K).to(tl.float32)               # [SUB, K]
         ks = _load_tile(k, b, hh, t, rk, T, H, K).to(tl.float32)
         gs = _load_tile(g, b, hh, t, rk, T, H, K).to(tl.float32)
         vs = _load_tile(v, b, hh, t, rv, T, H, V)                              # [SUB, V]
         G = tl.cumsum(gs, axis=0)
         G_last = tl.sum(gs, axis=0)
-        A = tl.sum(qs[:, None, :] * ks[None, :, :] * _intra_decay(G, SUB), axis=2) * scale   # [SUB, SUB]
-        q_decayed = (qs * tl.exp(G) * scale).to(vs.dtype)
-        os = tl.dot(q_decayed, S.to(vs.dtype), input_precision=PRECISION)
+        q_decayed = qs * tl.exp(G) * scale
+        if tl.min(G_last, axis=0) > -FACTOR_LIMIT:
+            A = tl.where(causal, tl.dot(q_decayed, tl.trans(ks * tl.exp(-G)), input_precision=PRECISION), 0.0)
+        else:
+            A = tl.sum(qs[:, None, :] * ks[None, :, :] * _intra_decay(G, SUB), axis=2) * scale
+        os = tl.dot(q_decayed.to(vs.dtype), S.to(vs.dtype), input_precision=PRECISION)   # [SUB, V]
         os += tl.dot(A.to(vs.dtype), vs, input_precision=PRECISION)
         _store_tile(o, os, b, hh, t, rv, T, H, V)
         k_decayed = (ks * tl.exp(G_last[None, :] - G)).to(vs.dtype)
@@ -217,55 +256,25 @@ def _fwd_output_kernel(q, k, v, g, h, o, T, NT, scale, H: tl.constexpr, K: tl.co
 
 
 @triton.jit
-def _bwd_states_kernel(q, g, do, dht, dh, dh0, T, NT, scale, H: tl.constexpr, K: tl.constexpr,
-                       V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, CHUNK: tl.constexpr,
-                       HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr, PRECISION: tl.constexpr):
-    """Backward scan over chunks: dh[b, h, n] = gradient of the state at the END of chunk n, from later chunks.
-
-    The mirror image of _fwd_states_kernel: dS_prev = exp(G_last) * dS + scale * (q * exp(G))^T @ do.
-    What is left after chunk 0 is the gradient of the initial state.
-    """
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, hh = i_bh // H, i_bh % H
-    rk, rv = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
-    tile = rk[:, None] * V + rv[None, :]
-    if HAS_DHT:
-        dS = tl.load(dht + i_bh.to(tl.int64) * K * V + tile).to(tl.float32)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
-    dh_bh = dh + i_bh.to(tl.int64) * NT * K * V
-    for n in range(NT - 1, -1, -1):
-        tl.store(dh_bh + n * K * V + tile, dS)
-        t = n * CHUNK + tl.arange(0, CHUNK)
-        qc = _load_tile(q, b, hh, t, rk, T, H, K)
-        gc = _load_tile(g, b, hh, t, rk, T, H, K).to(tl.float32)
-        doc = _load_tile(do, b, hh, t, rv, T, H, V)
-        G = tl.cumsum(gc, axis=0)
-        G_last = tl.sum(gc, axis=0)
-        q_decayed = (qc * tl.exp(G) * scale).to(doc.dtype)
-        dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_decayed), doc, input_precision=PRECISION)
-    if HAS_H0:
-        tl.store(dh0 + i_bh.to(tl.int64) * K * V + tile, dS)
-
-
-@triton.jit
 def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, scale, H: tl.constexpr, K: tl.constexpr,
-                      V: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
-    """dq, dk, dv, dg of one chunk, given its start state h[n] and end-state gradient dh[n]. Grid (NT, B * H).
+                      V: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, FACTOR_LIMIT: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """dq, dk, dv, dg of one chunk, given the state before it (h[n]) and the gradient of the state after it
+    (dh[n + 1]). Grid (NT, B * H), all chunks in parallel.
 
     A forward walk over the sub-chunks (carrying the state) gives dq; a backward walk (carrying the state's
-    gradient) gives dk and dv. dg_t = sum over later tokens t' >= t of (q*dq - k*dk)_t', split as
+    gradient) gives dk and dv. dg_t = sum over tokens t' >= t of (q*dq - k*dk)_t', split as
     [everything after this chunk] + [sum over the chunk of q*dq] - [q*dq before t] - [k*dk from t on].
     The first term is sum_v(S_end * dS_end); the forward walk leaves -[q*dq before t] in dg for the
     backward walk to finish.
     """
     n, i_bh = tl.program_id(0), tl.program_id(1)
     b, hh = i_bh // H, i_bh % H
-    rk, rv = tl.arange(0, K), tl.arange(0, V)
-    i = tl.arange(0, SUB)
-    S = tl.load(h + (i_bh.to(tl.int64) * (NT + 1) + n) * K * V + rk[:, None] * V + rv[None, :])   # [K, V]
+    rk, rv, i = tl.arange(0, K), tl.arange(0, V), tl.arange(0, SUB)
+    causal = i[:, None] >= i[None, :]
+    S = tl.load(h + ((i_bh.to(tl.int64) * (NT + 1) + n) * K + rk[:, None]) * V + rv[None, :])   # [K, V]
 
-    # Forward walk: dq_i = scale * (do_i @ S^T * exp(G_i) + sum_{j<=i} (do_i . v_j) k_j exp(G_i - G_j)).
+    # Forward walk: dq_i = scale * (exp(G_i) * (do_i @ S^T) + sum_{j<=i} (do_i . v_j) k_j exp(G_i - G_j)).
     qdq_before = tl.zeros([K], dtype=tl.float32)
     for s in range(CHUNK // SUB):
         t = n * CHUNK + s * SUB + i
@@ -276,10 +285,13 @@ def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, scale, H: tl
         dos = _load_tile(do, b, hh, t, rv, T, H, V)
         G = tl.cumsum(gs, axis=0)
         G_last = tl.sum(gs, axis=0)
-        dA = tl.dot(dos, tl.trans(vs), input_precision=PRECISION)              # [SUB, SUB], do_i . v_j
-        dqs = tl.dot(dos, tl.trans(S.to(dos.dtype)), input_precision=PRECISION) * tl.exp(G)
-        dqs += tl.sum(dA[:, :, None] * _intra_decay(G, SUB) * ks[None, :, :], axis=1)
-        dqs *= scale
+        dA = tl.where(causal, tl.dot(dos, tl.trans(vs), input_precision=PRECISION), 0.0)   # do_i . v_j
+        if tl.min(G_last, axis=0) > -FACTOR_LIMIT:
+            dq_intra = tl.exp(G) * tl.dot(dA, ks * tl.exp(-G), input_precision=PRECISION)
+        else:
+            dq_intra = tl.sum(dA[:, :, None] * _intra_decay(G, SUB) * ks[None, :, :], axis=1)
+        dq_inter = tl.exp(G) * tl.dot(dos, tl.trans(S.to(dos.dtype)), input_precision=PRECISION)
+        dqs = scale * (dq_inter + dq_intra)                                    # [SUB, K]
         _store_tile(dq, dqs, b, hh, t, rk, T, H, K)
         qdq = qs * dqs
         _store_tile(dg, -(qdq_before[None, :] + tl.cumsum(qdq, axis=0) - qdq), b, hh, t, rk, T, H, K)
@@ -287,13 +299,13 @@ def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, scale, H: tl
         k_decayed = (ks * tl.exp(G_last[None, :] - G)).to(vs.dtype)
         S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_decayed), vs, input_precision=PRECISION)
 
-    # S is now the state at the end of the chunk.
-    dS = tl.load(dh + (i_bh.to(tl.int64) * NT + n) * K * V + rk[:, None] * V + rv[None, :])      # [K, V]
+    # S is now the state after the chunk.
+    dS = tl.load(dh + ((i_bh.to(tl.int64) * (NT + 1) + n + 1) * K + rk[:, None]) * V + rv[None, :])   # [K, V]
     dg_carry = tl.sum(S * dS, axis=1) + qdq_before
     tl.debug_barrier()   # the backward walk reads back what other threads of this program wrote to dg
 
     # Backward walk: dk_j = exp(G_last - G_j) * (v_j @ dS^T) + scale * sum_{i>=j} (do_i . v_j) q_i exp(G_i - G_j),
-    #                dv_j = (k_j exp(G_last - G_j)) @ dS + sum_{i>=j} A_ij do_i.
+    #                dv_j = (k_j * exp(G_last - G_j)) @ dS + sum_{i>=j} A_ij do_i.
     kdk_after = tl.zeros([K], dtype=tl.float32)
     for s_rev in range(CHUNK // SUB):
         s = CHUNK // SUB - 1 - s_rev
@@ -305,12 +317,18 @@ def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, scale, H: tl
         dos = _load_tile(do, b, hh, t, rv, T, H, V)
         G = tl.cumsum(gs, axis=0)
         G_last = tl.sum(gs, axis=0)
-        decay = _intra_decay(G, SUB)                                          # [SUB, SUB, K]
-        A = tl.sum(qs[:, None, :] * ks[None, :, :] * decay, axis=2) * scale  # [SUB, SUB]
-        dA = tl.dot(dos, tl.trans(vs), input_precision=PRECISION)
+        dA = tl.where(causal, tl.dot(dos, tl.trans(vs), input_precision=PRECISION), 0.0)
+        q_decayed = qs * tl.exp(G) * scale
+        if tl.min(G_last, axis=0) > -FACTOR_LIMIT:
+            k_grown = ks * tl.exp(-G)
+            A = tl.where(causal, tl.dot(q_decayed, tl.trans(k_grown), input_precision=PRECISION), 0.0)
+            dk_intra = tl.exp(-G) * tl.dot(tl.trans(dA), q_decayed, input_precision=PRECISION)
+        else:
+            decay = _intra_decay(G, SUB)                                      # [SUB, SUB, K]
+            A = tl.sum(qs[:, None, :] * ks[None, :, :] * decay, axis=2) * scale
+            dk_intra = scale * tl.sum(dA[:, :, None] * decay * qs[:, None, :], axis=0)
         to_end = tl.exp(G_last[None, :] - G)                                  # [SUB, K]
-        dks = tl.dot(vs, tl.trans(dS.to(vs.dtype)), input_precision=PRECISION) * to_end
-        dks += scale * tl.sum(dA[:, :, None] * decay * qs[:, None, :], axis=0)
+        dks = to_end * tl.dot(vs, tl.trans(dS.to(vs.dtype)), input_precision=PRECISION) + dk_intra
         dvs = tl.dot((ks * to_end).to(vs.dtype), dS.to(vs.dtype), input_precision=PRECISION)
         dvs += tl.dot(tl.trans(A.to(dos.dtype)), dos, input_precision=PRECISION)
         kdk = ks * dks
@@ -320,8 +338,8 @@ def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, scale, H: tl
         _store_tile(dv, dvs, b, hh, t, rv, T, H, V)
         _store_tile(dg, dgs, b, hh, t, rk, T, H, K)
         kdk_after += tl.sum(kdk, axis=0)
-        q_decayed = (qs * tl.exp(G) * scale).to(dos.dtype)
-        dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_decayed), dos, input_precision=PRECISION)
+        dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_decayed.to(dos.dtype)), dos,
+                                                   input_precision=PRECISION)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -339,7 +357,7 @@ def _launch_config(K, V):
     """Tile of the state per scan program (more, smaller tiles = more parallel programs) and warps per chunk."""
     state_tile = (min(K, 32), min(V, 32))
     chunk_warps = 4 if max(K, V) <= 64 else 8
-    return state_tile, chunk_warps
+    return state_tile, chunk_warps, dict(num_warps=4, num_stages=2)
 
 
 def _precision(dtype):
@@ -354,14 +372,17 @@ class ChunkGLA(torch.autograd.Function):
         B, T, H, K = q.shape
         V = v.shape[-1]
         NT = triton.cdiv(T, CHUNK)
-        (BK, BV), warps = _launch_config(K, V)
+        (BK, BV), warps, scan = _launch_config(K, V)
         prec = _precision(q.dtype)
-        h = torch.empty(B, H, NT + 1, K, V, device=q.device, dtype=torch.float32)  # state at every chunk boundary
-        _fwd_states_kernel[(K // BK, V // BV, B * H)](
-            k, v, g, initial_state, h, T, NT, scale, H, K, V, BK, BV, CHUNK,
-            HAS_H0=initial_state is not None, PRECISION=prec)
+        # h[:, :, n]: the state before chunk n, n = 0 .. NT (the last one is the final state).
+        h = torch.empty(B, H, NT + 1, K, V, device=q.device, dtype=torch.float32)
+        gate_sum = torch.empty(B, H, NT, K, device=q.device, dtype=torch.float32)
+        _chunk_update_kernel[(NT, B * H)](k, v, g, h, gate_sum, T, NT, scale, H, K, V, CHUNK,
+                                          REVERSE=False, PRECISION=prec, num_warps=warps)
+        _scan_kernel[(K // BK, V // BV, B * H)](h, gate_sum, initial_state, NT, K, V, BK, BV,
+                                                HAS_INITIAL=initial_state is not None, REVERSE=False, **scan)
         o = torch.empty_like(v)
-        _fwd_output_kernel[(NT, B * H)](q, k, v, g, h, o, T, NT, scale, H, K, V, CHUNK, SUB, prec,
+        _fwd_output_kernel[(NT, B * H)](q, k, v, g, h, o, T, NT, scale, H, K, V, CHUNK, SUB, FACTOR_LIMIT, prec,
                                         num_warps=warps)
         ctx.save_for_backward(q, k, v, g, h)
         ctx.scale, ctx.has_initial_state = scale, initial_state is not None
@@ -374,20 +395,23 @@ class ChunkGLA(torch.autograd.Function):
         B, T, H, K = q.shape
         V = v.shape[-1]
         NT = triton.cdiv(T, CHUNK)
-        (BK, BV), warps = _launch_config(K, V)
+        (BK, BV), warps, scan = _launch_config(K, V)
         prec = _precision(q.dtype)
         do = do.contiguous()
         if d_final_state is not None:
             d_final_state = d_final_state.contiguous()
-        dh = torch.empty(B, H, NT, K, V, device=q.device, dtype=torch.float32)
-        dh0 = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if ctx.has_initial_state else None
-        _bwd_states_kernel[(K // BK, V // BV, B * H)](
-            q, g, do, d_final_state, dh, dh0, T, NT, ctx.scale, H, K, V, BK, BV, CHUNK,
-            HAS_DHT=d_final_state is not None, HAS_H0=ctx.has_initial_state, PRECISION=prec)
+        # dh[:, :, n]: the gradient of the state before chunk n (slot 0 is the initial state's).
+        dh = torch.empty(B, H, NT + 1, K, V, device=q.device, dtype=torch.float32)
+        gate_sum = torch.empty(B, H, NT, K, device=q.device, dtype=torch.float32)
+        _chunk_update_kernel[(NT, B * H)](q, do, g, dh, gate_sum, T, NT, ctx.scale, H, K, V, CHUNK,
+                                          REVERSE=True, PRECISION=prec, num_warps=warps)
+        _scan_kernel[(K // BK, V // BV, B * H)](dh, gate_sum, d_final_state, NT, K, V, BK, BV,
+                                                HAS_INITIAL=d_final_state is not None, REVERSE=True, **scan)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dg = torch.empty(g.shape, device=g.device, dtype=torch.float32)  # fp32: read back inside the kernel
         _bwd_chunk_kernel[(NT, B * H)](q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, ctx.scale, H, K, V,
-                                       CHUNK, SUB, prec, num_warps=warps)
+                                       CHUNK, SUB, FACTOR_LIMIT, prec, num_warps=warps)
+        dh0 = dh[:, :, 0].clone() if ctx.has_initial_state else None
         return dq, dk, dv, dg.to(g.dtype), None, dh0, None
 
 

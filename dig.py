@@ -1,0 +1,936 @@
+"""
+DiG: diffusion models with Gated Linear Attention, in one file.
+
+DiG (Zhu et al. 2024) is DiT (Peebles & Xie 2023) with the softmax self-attention replaced by Gated Linear
+Attention (GLA, Yang et al. 2023). GLA is a recurrence over the tokens with a fixed-size state, so its cost
+grows linearly with the number of image tokens instead of quadratically. A recurrence reads the tokens in one
+order, so DiG changes that order from block to block (row-major, reversed, column-major, reversed) and runs a
+3x3 depthwise convolution after every block so that neighbouring patches always see each other.
+
+Read top to bottom:
+  1. conditioning and embeddings (shared with DiT)
+  2. the DiG block: adaLN-Zero, GLA token mixer, SwiGLU MLP, depthwise convolution
+  3. the scan order
+  4. the model: the trunk DiG and DiT share, the final layer, DiG
+  5. the DiT baseline (softmax attention) of the same size, for side-by-side comparisons
+  6. named configurations: DiG-S/2 ... DiG-XL/8, DiT-S/2 ... DiT-XL/8
+  7. Gaussian diffusion as in DiT / IDDPM: schedule, hybrid loss, timestep respacing
+  8. sampling: ancestral DDPM, DDIM, classifier-free guidance
+  9. benchmark and profiler (python dig.py --bench, python dig.py --profile 2048)
+
+The GLA recurrence itself lives in gla_kernel.py (a Triton kernel on a GPU, a PyTorch chunked path on a CPU).
+
+    model = DiG_models["DiG-S/2"](input_size=32, in_channels=4, num_classes=1000)   # 256 px via SD latents
+    diffusion = create_diffusion()
+    t = torch.randint(0, diffusion.num_timesteps, (len(latents),))
+    loss = diffusion.training_losses(model, latents, t, {"y": labels})["loss"].mean()
+    ...
+    latents = sample(model.eval(), labels, steps=250, cfg_scale=4.0)
+"""
+
+import argparse
+import functools
+import gc
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gla_kernel
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 1. Conditioning and embeddings (shared with DiT)
+
+
+def modulate(x, shift, scale):
+    # x: [N, T, D]; shift, scale: [N, D], one per image, the same for all of its tokens.
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_pos_embed(dim, side):
+    """Fixed 2D sine-cosine position embedding of a side x side token grid in raster order: [side * side, dim].
+
+    The first half of the channels encodes the column, the second half the row; each half is the 1D
+    transformer embedding (sin and cos of the position at dim/4 geometrically spaced frequencies).
+    """
+    if dim % 4:
+        raise ValueError(f"the 2D sin-cos position embedding needs hidden_size divisible by 4; got {dim}")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))        # [dim/4]
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64),
+                                torch.arange(side, dtype=torch.float64), indexing="ij")
+
+    def embed_1d(pos):
+        angles = pos.reshape(-1, 1) * freqs                                   # [T, dim/4]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)                 # [T, dim/2]
+
+    return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float()        # [T, dim]
+
+
+class TimestepEmbedder(nn.Module):
+    """Diffusion step t (an integer 0..999) -> [D]: 256 sinusoidal features, then a two-layer MLP."""
+
+    def __init__(self, hidden_size, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        for layer in (self.mlp[0], self.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = t.float()[:, None] * freqs[None]                                # [N, 128]
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))          # [N, 256] -> [N, D]
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> [D], with one extra row for the "null" label num_classes.
+
+    In training each label is replaced by the null label with probability dropout_prob, so the same network
+    also learns the unconditional model that classifier-free guidance needs at sampling time.
+    """
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+        nn.init.normal_(self.embedding_table.weight, std=0.02)
+
+    def forward(self, labels, force_drop_ids=None):
+        # force_drop_ids: [N], 1 where the label must be dropped (for tests and explicit unconditional passes).
+        # The range check reads the labels on the host, a sync that a CUDA graph capture forbids: skip it there.
+        capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
+        if labels.is_floating_point() or (not capturing and
+                                          not ((labels >= 0) & (labels <= self.num_classes)).all()):
+            raise ValueError(f"labels must be integers in [0, {self.num_classes}] ({self.num_classes} is the "
+                             f"null label of classifier-free guidance); got {labels.tolist()[:16]}")
+        if force_drop_ids is not None:
+            labels = torch.where(force_drop_ids == 1, self.num_classes, labels)
+        elif self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+def _xavier(*layers, gain=1.0):
+    # DiT initialises every Linear as Xavier-uniform with zero bias.
+    for layer in layers:
+        nn.init.xavier_uniform_(layer.weight, gain=gain)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 2. The DiG block
+#
+# DiT's adaLN-Zero block with two parts swapped (GLA for softmax attention, SwiGLU for the GELU MLP) and a 3x3
+# depthwise convolution over the token grid after it.
+
+
+class AdaLNZeroBlock(nn.Module):
+    """x + gate * mixer(modulate(norm(x))), then the same for the MLP; shift, scale and gate come from c.
+
+    The modulation is zero-initialised, so every gate starts at 0 and the block starts as the identity: a deep
+    network begins as a shallow one and each block learns how much to contribute ("adaLN-Zero").
+    """
+
+    def __init__(self, dim, mixer, mlp):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mixer = mixer
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = mlp
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+
+    def forward(self, x, c):
+        # x: [N, T, D]; c: [N, D] -> six [N, D] modulation vectors
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.mixer(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class GatedLinearAttention(nn.Module):
+    """GLA token mixer: linear attention whose running state decays through a learned, data-dependent gate.
+
+    Per head, with a state S of shape [K, V] and a forget gate g_t <= 0 (log-space, one value per key channel):
+
+        S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t
+
+    Each token sees only the tokens before it in the scan order; the scan order changes from block to block.
+    Keys are half as wide as values (expand_k = 0.5, expand_v = 1): head dims K = D / 2 / heads, V = D / heads.
+    """
+
+    def __init__(self, dim, num_heads, gate_rank=16, gate_normalizer=16):
+        super().__init__()
+        if dim % (2 * num_heads):
+            raise ValueError(f"GLA needs hidden_size divisible by 2 * num_heads; got {dim} and {num_heads} heads")
+        key_dim, value_dim = dim // 2, dim
+        self.num_heads = num_heads
+        self.head_k, self.head_v = key_dim // num_heads, value_dim // num_heads
+        self.scale = self.head_k ** -0.5
+        self.gate_normalizer = gate_normalizer
+        self.q = nn.Linear(dim, key_dim, bias=False)
+        self.k = nn.Linear(dim, key_dim, bias=False)
+        self.v = nn.Linear(dim, value_dim, bias=False)
+        self.out_gate = nn.Linear(dim, value_dim, bias=False)
+        # The forget gate comes through a rank-16 bottleneck: a few parameters buy a per-token, per-channel decay.
+        self.forget_gate = nn.Sequential(nn.Linear(dim, gate_rank, bias=False), nn.Linear(gate_rank, key_dim))
+        self.norm_weight = nn.Parameter(torch.ones(self.head_v))   # per-head RMSNorm of the output
+        self.proj = nn.Linear(value_dim, dim, bias=False)
+        # As in the official DiG code (flash-linear-attention's GLA layer): Xavier with gain 2**-2.5, smaller
+        # than DiT's, which keeps the un-normalised sums of the linear-attention state small early in training.
+        _xavier(self.q, self.k, self.v, self.out_gate, *self.forget_gate, self.proj, gain=2 ** -2.5)
+
+    def forward(self, x):
+        N, T, _ = x.shape
+        H = self.num_heads
+        # Linear outputs are [N, T, H*K] in memory, which is already the kernel's [B, T, H, K] layout: no copies.
+        q = self.q(x).view(N, T, H, self.head_k)                                # [N, T, H, K]
+        k = self.k(x).view(N, T, H, self.head_k)                                # [N, T, H, K]
+        v = self.v(x).view(N, T, H, self.head_v)                                # [N, T, H, V]
+        # Log forget gate in (-inf, 0]. Dividing logsigmoid by 16 pulls the per-token decay exp(g) close to 1
+        # (0.96 at a zero logit), so the state remembers over tens of tokens rather than a few.
+        g = F.logsigmoid(self.forget_gate(x)) / self.gate_normalizer
+        g = g.to(q.dtype).view(N, T, H, self.head_k)                            # [N, T, H, K]
+        # The gates are <= 0 by construction, so the kernel's check (a device sync) is switched off.
+        gla = gla_kernel.chunk_gla if q.is_cuda else gla_kernel.chunk_gla_torch
+        o, _ = gla(q, k, v, g, scale=self.scale, check_gate=False)             # [N, T, H, V]
+        # Normalise each head (the state's sums have no fixed scale), then gate it with swish(x W_gate).
+        o = F.rms_norm(o, (self.head_v,), self.norm_weight.to(o.dtype), eps=1e-6)
+        o = o * F.silu(self.out_gate(x).view(N, T, H, self.head_v))
+        return self.proj(o.flatten(2))                                          # [N, T, H*V] -> [N, T, D]
+
+
+class SwiGLU(nn.Module):
+    """Bias-free SwiGLU MLP: down(silu(x W_gate) * x W_value), hidden width about 8D/3 rounded up to 256s."""
+
+    def __init__(self, dim):
+        super().__init__()
+        hidden = 256 * math.ceil(int(8 * dim / 3) / 256)      # S 1024, B 2048, L 2816, XL 3072
+        self.up = nn.Linear(dim, 2 * hidden, bias=False)       # gate and value halves in one matmul
+        self.down = nn.Linear(hidden, dim, bias=False)
+        _xavier(self.up, self.down)
+
+    def forward(self, x):
+        gate, value = self.up(x).chunk(2, dim=-1)               # 2 x [N, T, hidden]
+        return self.down(F.silu(gate) * value)                  # [N, T, D]
+
+
+class DepthwiseConv(nn.Module):
+    """3x3 depthwise convolution over the E x E token grid, with bias. No residual: it is identity-initialised
+    (centre tap 1, the rest 0), so it starts as a no-op and learns local mixing between neighbouring patches,
+    which a one-directional scan alone connects poorly (a pixel's upper neighbour is E tokens back)."""
+
+    def __init__(self, dim, side):
+        super().__init__()
+        self.side = side
+        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, :, 1, 1] = 1
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        # The grid is read in the current scan order; in a flipped or transposed order the same conv sees a
+        # rotated or transposed image, which a learned 3x3 kernel can absorb (the official code does the same).
+        N, T, D = x.shape
+        grid = x.unflatten(1, (self.side, self.side)).permute(0, 3, 1, 2)   # [N, D, E, E], a channels-last view
+        out = self.conv(grid).permute(0, 2, 3, 1).reshape(N, T, D)          # [N, E, E, D] -> [N, T, D]
+        return out.to(x.dtype)   # under autocast the conv runs in bf16; keep the residual stream's dtype
+
+
+class DiGBlock(AdaLNZeroBlock):
+    """adaLN-Zero(GLA) and adaLN-Zero(SwiGLU), then the depthwise convolution over the token grid."""
+
+    def __init__(self, dim, num_heads, side):
+        super().__init__(dim, GatedLinearAttention(dim, num_heads), SwiGLU(dim))
+        self.dwconv = DepthwiseConv(dim, side)
+
+    def forward(self, x, c):
+        return self.dwconv(super().forward(x, c))               # [N, T, D]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 3. The scan order ("spatial reorient")
+#
+# A GLA block reads its tokens in one direction, so token t knows nothing about tokens after it. DiG changes the
+# order between blocks: after every block it reverses the sequence, and after every odd block it also
+# transposes the grid. Starting from raster order, block i therefore reads
+#     i % 4 == 0: row-major forward        i % 4 == 1: row-major reversed
+#     i % 4 == 2: column-major forward     i % 4 == 3: column-major reversed
+# and after a multiple of 4 blocks the tokens are back in raster order for the final layer.
+
+
+def reorient(x, i, side):
+    """Tokens in block i's order -> tokens in block i+1's order. x: [N, T, D] with T = side * side."""
+    x = x.flip(1)                                                         # reverse the scan
+    if i % 2 == 1:
+        x = x.unflatten(1, (side, side)).transpose(1, 2).flatten(1, 2)   # rows <-> columns
+    return x
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 4. The model
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift and scale from c), then a zero-initialised Linear to one patch of outputs per token."""
+
+    def __init__(self, dim, patch_size, out_channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        for layer in (self.adaLN_modulation[-1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)            # 2 x [N, D]
+        return self.linear(modulate(self.norm(x), shift, scale))           # [N, T, p*p*out_channels]
+
+
+class DiffusionTransformer(nn.Module):
+    """What DiG and DiT share: patches + position, conditioning c = t_emb + y_emb, blocks, final layer, unpatchify.
+
+    Subclasses build self.blocks and say how to run them (run_blocks). Arguments:
+      input_size: side of the (square) input in pixels or latent cells; patch_size must divide it.
+      in_channels: channels of the input (4 for Stable Diffusion latents, 3 for pixels).
+      num_classes: class labels 0..num_classes-1; num_classes itself is the null label.
+      learn_sigma: also predict the variance of each reverse step, which doubles the output channels.
+      class_dropout_prob: how often a training label is dropped to the null label (for guidance).
+    """
+
+    def __init__(self, hidden_size, patch_size, input_size=32, in_channels=4, num_classes=1000,
+                 learn_sigma=True, class_dropout_prob=0.1):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} must divide input_size {input_size}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.grid_size = input_size // patch_size                          # E: tokens per side, T = E * E
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        # Initialised like a Linear on the flattened patch, as in DiT.
+        nn.init.xavier_uniform_(self.x_embedder.weight.view(hidden_size, -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        # Fixed, not learned (a frozen Parameter, as in DiT, so that it is counted and saved like theirs).
+        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid_size)[None], requires_grad=False)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+
+    def forward(self, x, t, y):
+        """x: [N, in_channels, input_size, input_size]; t: [N] diffusion steps; y: [N] labels.
+        Returns [N, out_channels, input_size, input_size]: the predicted noise (and variance values)."""
+        self._check_inputs(x, t, y)
+        x = self.x_embedder(x).flatten(2).transpose(1, 2)   # [N, D, E, E] -> [N, T, D], tokens in raster order
+        x = x.contiguous() + self.pos_embed                  # contiguous, so the residual stream is [N, T, D]
+        c = self.t_embedder(t) + self.y_embedder(y)          # [N, D]
+        x = self.run_blocks(x, c)                            # [N, T, D]
+        x = self.final_layer(x, c)                           # [N, T, p*p*out_channels]
+        return self.unpatchify(x)                            # [N, out_channels, H, W]
+
+    def _check_inputs(self, x, t, y):
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"{type(self).__name__} was built for inputs [N, {self.in_channels}, {self.input_size}, "
+                             f"{self.input_size}] (in_channels={self.in_channels}, input_size={self.input_size}); "
+                             f"got {tuple(x.shape)}")
+        if t.shape != x.shape[:1] or y.shape != x.shape[:1]:
+            raise ValueError(f"t and y must be [N] = [{x.shape[0]}]; got t {tuple(t.shape)}, y {tuple(y.shape)}")
+
+    def run_blocks(self, x, c):
+        raise NotImplementedError
+
+    def unpatchify(self, x):
+        # [N, T, p*p*C] -> [N, C, E*p, E*p]: token (h, w) holds the p x p patch at rows h*p.., columns w*p..
+        N, E, p, C = x.shape[0], self.grid_size, self.patch_size, self.out_channels
+        x = x.reshape(N, E, E, p, p, C)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(N, C, E * p, E * p)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        """Classifier-free guidance in one batched pass. The batch is [conditional half; unconditional half]
+        (same x, labels then null labels); both halves get eps = eps_uncond + cfg_scale * (eps_cond - eps_uncond).
+
+        Guidance is applied to all in_channels of eps. The official DiT applies it to the first 3 channels only,
+        a legacy quirk kept there for exact reproducibility; the variance channels are never guided.
+        """
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)
+        eps, rest = out[:, :self.in_channels], out[:, self.in_channels:]
+        cond_eps, uncond_eps = eps.chunk(2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+
+class DiG(DiffusionTransformer):
+    """DiT with GLA blocks, a scan order that turns every block, and a depthwise conv after each block.
+    Other keyword arguments (input_size, in_channels, num_classes, ...): see DiffusionTransformer."""
+
+    def __init__(self, depth=12, hidden_size=384, num_heads=6, patch_size=2, **kwargs):
+        if depth % 4:
+            raise ValueError(f"DiG's scan order has period 4 (row fwd, row rev, column fwd, column rev) and the "
+                             f"final layer needs raster order back, so depth must be a multiple of 4; got {depth}")
+        super().__init__(hidden_size, patch_size, **kwargs)
+        self.blocks = nn.ModuleList(DiGBlock(hidden_size, num_heads, self.grid_size) for _ in range(depth))
+
+    def run_blocks(self, x, c):
+        for i, block in enumerate(self.blocks):
+            x = block(x, c)                       # block i reads the tokens in scan order i % 4
+            x = reorient(x, i, self.grid_size)
+        return x                                  # depth % 4 == 0: raster order again
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 5. The DiT baseline: the same trunk with softmax attention and a GELU MLP, no scan order, no convolution
+
+
+class SoftmaxAttention(nn.Module):
+    """DiT's multi-head self-attention (qkv and output projections with bias). Two ways to compute the same maths:
+    "sdpa": F.scaled_dot_product_attention (FlashAttention on a GPU; never stores the T x T weights);
+    "materialized": softmax(Q K^T / sqrt(d)) V written out, storing [N, heads, T, T] (the quadratic memory)."""
+
+    def __init__(self, dim, num_heads, attention="sdpa"):
+        super().__init__()
+        if attention not in ("sdpa", "materialized"):
+            raise ValueError(f'attention must be "sdpa" or "materialized"; got {attention!r}')
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads, self.attention = num_heads, attention
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        _xavier(self.qkv, self.proj)
+
+    def forward(self, x):
+        N, T, D = x.shape
+        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)   # 3 x [N, H, T, d]
+        if self.attention == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v)                                  # [N, H, T, d]
+        else:
+            weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)           # [N, H, T, T]
+            o = weights @ v                                                              # [N, H, T, d]
+        return self.proj(o.transpose(1, 2).reshape(N, T, D))                           # [N, T, D]
+
+
+class GeluMLP(nn.Module):
+    """DiT's MLP: Linear(D, 4D), GELU (tanh approximation), Linear(4D, D), with biases."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        _xavier(self.fc1, self.fc2)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiT(DiffusionTransformer):
+    """The DiT of the same size, built from the same trunk. attention: "sdpa" or "materialized"."""
+
+    def __init__(self, depth=12, hidden_size=384, num_heads=6, patch_size=2, attention="sdpa", **kwargs):
+        super().__init__(hidden_size, patch_size, **kwargs)
+        self.blocks = nn.ModuleList(
+            AdaLNZeroBlock(hidden_size, SoftmaxAttention(hidden_size, num_heads, attention), GeluMLP(hidden_size))
+            for _ in range(depth))
+
+    def run_blocks(self, x, c):
+        for block in self.blocks:
+            x = block(x, c)
+        return x
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 6. Named configurations: (depth, hidden size, heads) per size; patch 2, 4 or 8.
+# Each entry is a function (**kwargs) -> model, e.g. DiG_models["DiG-S/2"](input_size=32, num_classes=10).
+
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 18)}
+
+
+def _configs(cls):
+    return {f"{cls.__name__}-{size}/{patch}": functools.partial(cls, depth=depth, hidden_size=dim,
+                                                                  num_heads=heads, patch_size=patch)
+            for size, (depth, dim, heads) in SIZES.items() for patch in (2, 4, 8)}
+
+
+DiG_models = _configs(DiG)
+DiT_models = _configs(DiT)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 7. Gaussian diffusion (DiT / IDDPM)
+#
+# Forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, with abar_t = prod_{s<=t} (1 - beta_s).
+# The network predicts eps and, per pixel, a value v in [-1, 1] that places the variance of the reverse step
+# between the two natural choices, beta_t and the true posterior variance ("learned range", in log space).
+# Loss = MSE(eps) + the variational bound term, which trains only the variance: it sees the predicted mean
+# through a stop-gradient ("hybrid" loss). The schedule arrays are float64 numpy, as in IDDPM; values are
+# looked up per step and used in float32.
+
+
+def linear_betas(num_timesteps=1000):
+    scale = 1000 / num_timesteps          # keeps the same total noise if the number of steps changes
+    return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+
+
+def mean_flat(x):
+    return x.mean(dim=tuple(range(1, x.dim())))      # [N, ...] -> [N]
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), element-wise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log P(x) for data in [-1, 1] quantised to 256 levels (bins of width 2/255), under N(means, e^log_scales^2):
+    the Gaussian mass of x's bin, with the end bins stretched to -inf and +inf. Used at t = 0 (also for
+    continuous latents, as in the official code). IDDPM uses a tanh approximation of the normal CDF; we use erf."""
+    cdf = lambda z: 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = cdf(inv_std * (x - means + 1.0 / 255))
+    cdf_minus = cdf(inv_std * (x - means - 1.0 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))                       # lowest bin: (-inf, x + 1/255]
+    log_one_minus_cdf_minus = torch.log((1.0 - cdf_minus).clamp(min=1e-12))   # highest bin: [x - 1/255, inf)
+    log_delta = torch.log((cdf_plus - cdf_minus).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_delta))
+
+
+class GaussianDiffusion:
+    """A diffusion process over num_timesteps = len(betas) steps.
+
+    timestep_map[i] is the original step (0..999) that step i of this process stands for; the model is always
+    called with original steps. It is the identity for the full 1000-step process, and a subset for a respaced one
+    (see create_diffusion).
+    """
+
+    def __init__(self, betas, timestep_map=None):
+        self.betas = betas = np.asarray(betas, dtype=np.float64)
+        self.num_timesteps = len(betas)
+        self.timestep_map = np.arange(len(betas)) if timestep_map is None else np.asarray(timestep_map, np.int64)
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        # The true posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, posterior_variance).
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # Its log, with the t = 0 entry (a variance of exactly 0) replaced by the t = 1 value.
+        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self.log_betas = np.log(betas)
+        # For a model that does not learn its variance (out_channels == in_channels): DiT's "fixed large" choice.
+        self.fixed_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
+        self._on_device = {}
+
+    # -- looking up per-step values --
+
+    def _lookup(self, arr, t):
+        # arr[t] on t's device. Each schedule array is copied to a device once: a fresh host-to-device copy on
+        # every call would synchronise the GPU a dozen times per training step.
+        key = (id(arr), t.device)
+        if key not in self._on_device:
+            self._on_device[key] = torch.from_numpy(arr).to(t.device)
+        return self._on_device[key][t]
+
+    def _extract(self, arr, t, x):
+        # arr[t] as float32, shaped [N, 1, 1, 1] to broadcast over a batch like x.
+        return self._lookup(arr, t).float().view(-1, *([1] * (x.dim() - 1)))
+
+    def _model_output(self, model, x, t, model_kwargs):
+        # The model is trained on the original steps 0..999, so a respaced process hands it timestep_map[t].
+        return model(x, self._lookup(self.timestep_map, t), **(model_kwargs or {})).float()
+
+    # -- the forward process and its posterior --
+
+    def q_sample(self, x_start, t, noise=None):
+        """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+
+    def q_posterior_mean_variance(self, x_start, x_t, t):
+        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
+        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x_start
+                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
+        return (mean, self._extract(self.posterior_variance, t, x_t),
+                self._extract(self.posterior_log_variance_clipped, t, x_t))
+
+    # -- the reverse process --
+
+    def _predict_xstart_from_eps(self, x_t, t, eps):
+        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+
+    def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
+        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
+                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+
+    def _p_from_output(self, out, x, t, clip_denoised=False):
+        """p(x_{t-1} | x_t) from the model's output [N, 2C, ...] (eps and v) or [N, C, ...] (eps, fixed variance)."""
+        C = x.shape[1]
+        if out.shape[1] == 2 * C:
+            eps, v = out[:, :C], out[:, C:]
+            min_log = self._extract(self.posterior_log_variance_clipped, t, x)
+            max_log = self._extract(self.log_betas, t, x)
+            frac = (v + 1) / 2                                  # v in [-1, 1] -> [0, 1]
+            log_variance = frac * max_log + (1 - frac) * min_log
+        elif out.shape[1] == C:
+            eps, log_variance = out, self._extract(self.fixed_log_variance, t, x)
+        else:
+            raise ValueError(f"the model output has {out.shape[1]} channels; expected {C} (eps) or {2 * C} "
+                             f"(eps and variance) for inputs with {C} channels")
+        pred_xstart = self._predict_xstart_from_eps(x, t, eps)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+        return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
+                "pred_xstart": pred_xstart}
+
+    def p_mean_variance(self, model, x, t, model_kwargs=None, clip_denoised=False):
+        """Run the model on x_t: dict with the mean, variance, log_variance of p(x_{t-1} | x_t) and pred_xstart."""
+        return self._p_from_output(self._model_output(model, x, t, model_kwargs), x, t, clip_denoised)
+
+    # -- training --
+
+    def _vb_terms_bpd(self, out, x_start, x_t, t):
+        # The variational bound term for step t, in bits per dimension: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
+        # for t > 0, and the decoder's negative log-likelihood of x_0 at t = 0.
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
+        p = self._p_from_output(out, x_t, t)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, p["mean"], 0.5 * p["log_variance"]))
+        return torch.where(t == 0, nll / math.log(2.0), kl)
+
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+        """Per-example losses at steps t: dict of "loss" = "mse" + "vb", each [N]."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        x_t = self.q_sample(x_start, t, noise)
+        out = self._model_output(model, x_t, t, model_kwargs)
+        C = x_start.shape[1]
+        mse = mean_flat((noise - out[:, :C]) ** 2)
+        if out.shape[1] == 2 * C:
+            # The bound trains the variance only: the mean enters it through a stop-gradient, so the eps
+            # prediction is driven by the MSE alone (IDDPM's hybrid loss).
+            frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)
+            vb = self._vb_terms_bpd(frozen, x_start, x_t, t)
+        else:
+            vb = torch.zeros_like(mse)
+        return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+    # -- sampling loops --
+
+    @torch.no_grad()
+    def p_sample_loop(self, model, shape, noise=None, model_kwargs=None, device=None, progress=False,
+                      clip_denoised=False, generator=None):
+        """Ancestral sampling: x_T ~ N(0, I), then x_{t-1} ~ p(x_{t-1} | x_t) down to x_0."""
+        x = self._initial_noise(model, shape, noise, device, generator)
+        for i in self._steps(progress):
+            t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
+            p = self.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
+            x = p["mean"]
+            if i > 0:                                   # the last step returns the mean
+                x = x + torch.exp(0.5 * p["log_variance"]) * torch.randn(x.shape, generator=generator, device=x.device)
+        return x
+
+    @torch.no_grad()
+    def ddim_sample_loop(self, model, shape, noise=None, model_kwargs=None, device=None, eta=0.0, progress=False,
+                         clip_denoised=False, generator=None):
+        """DDIM: step to x_{t-1} through the predicted x_0; eta = 0 is deterministic, eta = 1 is DDPM-like."""
+        x = self._initial_noise(model, shape, noise, device, generator)
+        for i in self._steps(progress):
+            t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
+            p = self.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
+            eps = self._predict_eps_from_xstart(x, t, p["pred_xstart"])   # consistent with a clipped x_0
+            abar = self._extract(self.alphas_cumprod, t, x)
+            abar_prev = self._extract(self.alphas_cumprod_prev, t, x)
+            sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+            x = p["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+            if eta > 0 and i > 0:
+                x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+        return x
+
+    def _initial_noise(self, model, shape, noise, device, generator):
+        if noise is not None:
+            return noise
+        if device is None:
+            device = next(model.parameters()).device if isinstance(model, nn.Module) else "cpu"
+        return torch.randn(*shape, generator=generator, device=device)
+
+    def _steps(self, progress):
+        for i in reversed(range(self.num_timesteps)):
+            if progress and (i % 10 == 0 or i == self.num_timesteps - 1):
+                print(f"\rsampling: {self.num_timesteps - i}/{self.num_timesteps}", end="" if i else "\n", flush=True)
+            yield i
+
+
+def space_timesteps(num_timesteps, spacing):
+    """The original steps a shorter process keeps (sorted), as in IDDPM.
+
+    spacing: "250" (250 steps spread evenly, both ends included); "10,15,20" (the steps cut into 3 equal sections,
+    that many evenly spread steps from each); a list of such counts; or "ddim50" (a constant stride from step 0).
+    """
+    if isinstance(spacing, str) and spacing.startswith("ddim"):
+        count = int(spacing[len("ddim"):])
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == count:
+                return list(range(0, num_timesteps, stride))
+        raise ValueError(f"no constant stride takes exactly {count} of {num_timesteps} steps")
+    if isinstance(spacing, str):
+        counts = [int(s) for s in spacing.split(",")]
+    else:
+        counts = [int(spacing)] if isinstance(spacing, int) else [int(s) for s in spacing]
+    section, extra = divmod(num_timesteps, len(counts))
+    kept, start = [], 0
+    for i, count in enumerate(counts):
+        size = section + (1 if i < extra else 0)
+        if not 0 <= count <= size:
+            raise ValueError(f"cannot take {count} steps from a section of {size} (spacing {spacing!r})")
+        stride = (size - 1) / (count - 1) if count > 1 else 1
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
+        start += size
+    return kept
+
+
+def create_diffusion(timestep_respacing="", num_timesteps=1000):
+    """The DiT diffusion: linear betas over 1000 steps, optionally respaced to fewer steps for sampling.
+
+    A respaced process keeps only some steps but must have the same abar_t at each of them, so it uses
+    beta'_i = 1 - abar(kept_i) / abar(kept_{i-1}): the same marginals, bigger jumps.
+    """
+    betas = linear_betas(num_timesteps)
+    if timestep_respacing in ("", None):
+        return GaussianDiffusion(betas)
+    kept = space_timesteps(num_timesteps, timestep_respacing)
+    alphas_cumprod = np.cumprod(1.0 - betas)[kept]
+    new_betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
+    return GaussianDiffusion(new_betas, timestep_map=kept)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 8. Sampling
+
+
+@torch.no_grad()
+def sample(model, labels, steps=250, cfg_scale=1.0, sampler="ddpm", noise=None, generator=None, eta=0.0,
+           clip_denoised=False, progress=False):
+    """Generate one sample per label: [N] labels -> x_0 of shape [N, in_channels, input_size, input_size].
+
+    steps: the process is respaced to this many evenly spread steps (DiT samples with 250).
+    cfg_scale: classifier-free guidance; 1 runs the plain conditional model, any other value runs the batch
+        twice (labels, then null labels) in one pass and mixes the two predictions.
+    sampler: "ddpm" (ancestral) or "ddim" (with eta). generator: a torch.Generator on the model's device.
+    Call it with the model in eval mode (training mode would drop labels). Pixel models: clamp the result.
+    """
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f'sampler must be "ddpm" or "ddim"; got {sampler!r}')
+    device = next(model.parameters()).device
+    labels = torch.as_tensor(labels, device=device)
+    n = labels.shape[0]
+    shape = (n, model.in_channels, model.input_size, model.input_size)
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device=device)
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"noise must be {shape} for this model and {n} labels; got {tuple(noise.shape)}")
+    # DDIM is often respaced with "ddim<N>" (a constant stride from step 0, never visiting step 999); evenly
+    # spread steps with both ends work for any count and for both samplers.
+    diffusion = create_diffusion(str(steps))
+    if cfg_scale == 1.0:
+        model_fn, kwargs = model, {"y": labels}
+    else:
+        noise = torch.cat([noise, noise], dim=0)
+        labels = torch.cat([labels, torch.full_like(labels, model.num_classes)], dim=0)
+        model_fn, kwargs = model.forward_with_cfg, {"y": labels, "cfg_scale": cfg_scale}
+    loop_kwargs = dict(noise=noise, model_kwargs=kwargs, progress=progress, clip_denoised=clip_denoised,
+                       generator=generator)
+    if sampler == "ddpm":
+        x = diffusion.p_sample_loop(model_fn, noise.shape, **loop_kwargs)
+    else:
+        x = diffusion.ddim_sample_loop(model_fn, noise.shape, eta=eta, **loop_kwargs)
+    return x[:n]     # with guidance, the second half only carried the unconditional pass
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 9. Benchmark and profiler: python dig.py --bench | python dig.py --profile 2048 [--model DiT-S/2]
+#
+# One AdamW training step (bf16 autocast, diffusion loss on random latents, backward, optimizer step) of DiG vs
+# DiT with SDPA vs DiT with materialised attention, side by side. Latents are 4 x px/8 x px/8 (a Stable
+# Diffusion VAE); S/2 runs with a constant 16384 tokens per step, XL/2 with batch 4 at 1024 px and 1 at 2048.
+
+BENCH_CONFIGS = ([("S/2", px, max(1, 16384 // (px // 16) ** 2)) for px in (256, 512, 1024, 1792, 2048)]
+                 + [("XL/2", 1024, 4), ("XL/2", 2048, 1)])
+BENCH_MODELS = {"DiG": lambda size: DiG_models[f"DiG-{size}"],
+                "DiT-SDPA": lambda size: functools.partial(DiT_models[f"DiT-{size}"], attention="sdpa"),
+                "DiT-mat": lambda size: functools.partial(DiT_models[f"DiT-{size}"], attention="materialized")}
+
+
+def make_train_step(model, batch, device, cuda_graph=False):
+    """A closure running one full training step of model on a fixed random batch of latents.
+
+    With cuda_graph=True the step (forward, backward, AdamW) is captured once as a CUDA graph and the closure
+    replays it: the GPU runs the same kernels without waiting for Python to launch each one. --profile shows
+    why that matters here: at small batches a DiG step spends more time launching kernels than running them.
+    """
+    diffusion = create_diffusion()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda",
+                                  capturable=cuda_graph)
+    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, device=device)
+    t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
+    y = torch.randint(0, model.num_classes, (batch,), device=device)
+
+    def forward_backward_update():
+        # Autocast's cache of bf16 weight copies must be off in a graph: it is emptied after every step.
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not cuda_graph):
+            loss = diffusion.training_losses(model, x, t, {"y": y})["loss"].mean()
+        loss.backward()
+        optimizer.step()
+
+    def step():
+        forward_backward_update()
+        optimizer.zero_grad(set_to_none=True)
+
+    if not cuda_graph:
+        return step
+    side = torch.cuda.Stream()       # warm up off the default stream: Triton compiles, AdamW makes its state
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):    # gradients are None here, so the graph's backward writes them afresh
+        forward_backward_update()
+    return graph.replay
+
+
+def _bench_one(make_model, px, batch, device, cuda_graph=False):
+    """(ms per step, peak GiB) for one model at one resolution."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with device:                                   # build the weights directly on the device
+        model = make_model(input_size=px // 8).train()
+    step = make_train_step(model, batch, device, cuda_graph)
+    step()
+    step()                                         # compile Triton kernels, allocate the optimizer state
+    if device.type == "cuda":
+        import triton.testing
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30    # read before do_bench adds its cache-flush buffer
+        ms = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
+        return ms, peak
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        step()
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times), float("nan")
+
+
+def _is_oom(error):
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def bench(configs=BENCH_CONFIGS, models=BENCH_MODELS, cuda_graph=False):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        print("no CUDA GPU: running a tiny CPU smoke test of the benchmark code; the numbers mean nothing")
+        configs, gpu, cuda_graph = [("S/2", 64, 2)], "CPU", False
+    else:
+        gpu = torch.cuda.get_device_name()
+    rows = []                                      # (size, px, batch, {model name: (ms, GiB) or None})
+    for size, px, batch in configs:
+        results = {}
+        for name, make in models.items():
+            try:
+                results[name] = _bench_one(make(size), px, batch, device, cuda_graph)
+                ms, gib = results[name]
+                print(f"{name:>9} {size:>4} {px:5d} px batch {batch:3d}: {ms:9.1f} ms {gib:6.1f} GiB", flush=True)
+            except RuntimeError as error:          # torch.cuda.OutOfMemoryError is a RuntimeError
+                if not _is_oom(error):
+                    raise
+                results[name] = None
+                print(f"{name:>9} {size:>4} {px:5d} px batch {batch:3d}: OOM", flush=True)
+            gc.collect()                           # the failed step's tensors die with the traceback
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append((size, px, batch, results))
+
+    mode = "replayed as one CUDA graph" if cuda_graph else "eager"
+    print(f"\nOne AdamW training step ({mode}), bf16 autocast, latents 4 x px/8 x px/8; {gpu}, "
+          f"torch {torch.__version__}")
+    print("per model: median ms per step, images per second, peak GiB (torch.cuda.max_memory_allocated)\n")
+    header = f"{'model':>5} {'px':>5} {'batch':>5}"
+    for name in models:
+        header += f" | {name + ' ms':>12} {'img/s':>7} {'GiB':>5}"
+    print(header + " | DiG vs DiT-SDPA")
+    for size, px, batch, results in rows:
+        line = f"{size:>5} {px:5d} {batch:5d}"
+        for name in models:
+            if results[name] is None:
+                line += f" | {'OOM':>26}"
+            else:
+                ms, gib = results[name]
+                line += f" | {ms:12.1f} {1000 * batch / ms:7.1f} {gib:5.1f}"
+        dig_result, sdpa_result = results.get("DiG"), results.get("DiT-SDPA")
+        speedup = f"{sdpa_result[0] / dig_result[0]:.2f}x faster" if dig_result and sdpa_result else "-"
+        print(line + f" | {speedup}")
+
+
+def profile(px, name="DiG-S/2", batch=None, trace=None):
+    """torch.profiler on one training step; prints the top ops by GPU time (optionally a Chrome trace)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--profile needs a CUDA GPU")
+    registry = DiG_models if name.startswith("DiG") else DiT_models
+    patch = registry[name].keywords["patch_size"]
+    batch = batch or max(1, 16384 // (px // 8 // patch) ** 2)
+    device = torch.device("cuda")
+    with device:
+        model = registry[name](input_size=px // 8).train()
+    step = make_train_step(model, batch, device)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(f"{name} at {px} px, batch {batch}, {torch.cuda.get_device_name()}")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30))
+    if trace:
+        prof.export_chrome_trace(trace)
+        print(f"Chrome trace written to {trace}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="DiG reference implementation: benchmark and profiler")
+    parser.add_argument("--bench", action="store_true", help="DiG vs DiT (SDPA, materialised) training steps")
+    parser.add_argument("--profile", type=int, metavar="PX", help="profile one training step at PX pixels")
+    parser.add_argument("--model", default="DiG-S/2", help="model for --profile, e.g. DiG-XL/2 or DiT-S/2")
+    parser.add_argument("--batch", type=int, help="batch for --profile (default: 16384 tokens per step)")
+    parser.add_argument("--cuda-graph", action="store_true", help="--bench: capture each training step as a "
+                        "CUDA graph and time its replay (no Python launch overhead)")
+    parser.add_argument("--trace", metavar="PATH", help="also write a Chrome trace of the profiled step")
+    args = parser.parse_args()
+    if args.bench:
+        bench(cuda_graph=args.cuda_graph)
+    elif args.profile:
+        profile(args.profile, args.model, args.batch, args.trace)
+    else:
+        parser.print_help()
