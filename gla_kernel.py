@@ -14,17 +14,20 @@ G the cumulative sum of g inside a chunk (G_last its last row), a chunk needs on
     o_chunk = scale * (q * exp(G)) @ S_prev  +  scale * tril((q * exp(G)) (k * exp(-G))^T) @ v
     S_next  = diag(exp(G_last)) @ S_prev  +  (k * exp(G_last - G))^T @ v
 
-The trap is exp(-G): with strongly negative gates (g = -5 over 64 tokens is e^320) it overflows. Every
-exponent below is therefore a difference "later G minus earlier G", which is never positive:
-  * the state path uses exp(G) and exp(G_last - G) only;
-  * inside a chunk we walk sub-chunks of 16 tokens, carrying the state, and the 16 x 16 intra-sub-chunk
-    weights exp(G_i - G_j), i >= j, are formed element-wise in float32 ([16, 16, K] in registers).
+The trap is exp(-G): with strongly negative gates (g = -5 over 64 tokens is e^320) it overflows float32.
+So the kernels only ever form exp(G) and exp(G_last - G), which are <= 1, and handle the causal part inside
+a chunk in sub-chunks of 16 tokens, carrying the state from one to the next. Inside a sub-chunk
+exp(G_i - G_j) = exp(G_i) * exp(-G_j) is safe while the sub-chunk's summed gate stays above -60 (always, for
+DiG's gates in practice: it takes gate logits below -60), which makes its causal weights one small matrix
+product; below that the weights are formed
+element-wise, as a [16, 16, K] tile whose exponents G_i - G_j (i >= j) are never positive.
 
-The Triton version runs in two steps, forward and backward alike:
-  1. a scan over chunks of 64 tokens (sequential in T, parallel over batch, head and tiles of the state)
-     that stores the state at every chunk boundary (forward) or the state's gradient (backward);
-  2. a kernel that is parallel over all chunks: given its boundary state, each chunk computes its outputs
-     (forward) or dq, dk, dv, dg (backward) by walking its four sub-chunks.
+The Triton version runs in three launches, forward and backward alike:
+  1. every chunk in parallel: what it adds to the state (forward) or to the state's gradient (backward);
+  2. a scan over the chunks of 64 tokens, the one sequential step (parallel over batch, head and tiles of
+     the state), that turns those into the state (gradient) at every chunk boundary;
+  3. every chunk in parallel again: given its boundary state, its outputs (forward) or dq, dk, dv and dg
+     (backward), walking its four sub-chunks.
 
 Gradient of the gate: o depends on g only through q_t exp(G_t) and k_t exp(-G_t) (G the cumulative sum
 over the whole sequence), so dL/dG_t = q_t * dq_t - k_t * dk_t and dg_t is its reverse cumulative sum.
@@ -159,8 +162,8 @@ def _intra_decay(G, SUB: tl.constexpr):
 
 # Inside a sub-chunk, exp(G_i - G_j) = exp(G_i) * exp(-G_j) turns the [SUB, SUB, K] element-wise work into one
 # small matrix product, which is far cheaper. That is safe while exp(-G) fits float32 (up to e^88), so the
-# kernels take it when the sub-chunk's summed gate stays above -FACTOR_LIMIT (always, with DiG's gates) and
-# fall back to the element-wise tile otherwise. Both factors and the product stay in float32.
+# kernels take it when the sub-chunk's summed gate stays above -FACTOR_LIMIT (with DiG's gates, in practice
+# always) and fall back to the element-wise tile otherwise. Both factors and the product stay in float32.
 FACTOR_LIMIT = 60.0
 
 
@@ -354,7 +357,8 @@ def _interpreting():
 
 
 def _launch_config(K, V):
-    """Tile of the state per scan program (more, smaller tiles = more parallel programs) and warps per chunk."""
+    """The [BK, BV] state tile of one scan program (smaller tiles: more programs in parallel), the warps of
+    the per-chunk kernels, and the scan's launch options."""
     state_tile = (min(K, 32), min(V, 32))
     chunk_warps = 4 if max(K, V) <= 64 else 8
     return state_tile, chunk_warps, dict(num_warps=4, num_stages=2)
