@@ -1,0 +1,870 @@
+"""
+Tests of dig: the GLA kernel (gla_kernel.py), the DiG / DiT models, the diffusion maths and sampling (dig.py)
+and the training script (train_tiny.py). Run them with
+
+    pytest test_dig.py
+
+Sections, in reading order: 1. GLA kernel  2. model  3. diffusion  4. training.
+
+Everything here runs on a CPU in a few minutes, with tiny models and datasets. Tests that need a CUDA GPU
+(the kernel in half precision and on long sequences, a GPU training run) are skipped without one. On a CPU
+the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1). The interpreter is chosen when triton is
+first imported, so the variable is set below, before gla_kernel, dig and train_tiny (which import triton).
+"""
+
+import math
+import os
+import pickle
+import random
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
+
+# The tensors here are tiny, so threads mostly wait for each other. On a 2-core machine one thread takes
+# ~48 s for the suite against ~44 s for two when the machine is idle, but ~46 s against ~72 s when another
+# process keeps one core busy.
+torch.set_num_threads(1)
+
+import dig  # noqa: E402  (after TRITON_INTERPRET)
+import gla_kernel  # noqa: E402
+import train_tiny  # noqa: E402
+from gla_kernel import chunk_gla, chunk_gla_torch, naive_gla  # noqa: E402
+
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+DEVICE = "cuda" if GPU else "cpu"  # where the Triton kernel runs (on a CPU: in the interpreter)
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# =========================================================================================================
+# 1. GLA kernel: the Triton kernel and the PyTorch chunked path against the naive recurrence
+
+
+def fresh_seed():
+    """A new seed on every run, drawn without touching torch's global generator; failures print it."""
+    return random.SystemRandom().randrange(2**31)
+
+
+def make_gla_inputs(B, T, H, K, V, gates, with_initial_state, device="cpu", seed=None):
+    gen = torch.Generator().manual_seed(fresh_seed() if seed is None else seed)
+    q, k = (torch.randn(B, T, H, K, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    x = torch.randn(B, T, H, K, generator=gen, dtype=torch.float64)
+    if gates == "mild":            # DiG's gate
+        g = F.logsigmoid(x) / 16
+    elif gates == "strong":        # per-step gates spread down to -10: exp(-G) alone would overflow
+        g = -10 * torch.rand(B, T, H, K, generator=gen, dtype=torch.float64)
+    elif gates == "edge":          # each 16-token sub-chunk sums to about -59: the kernel's factored path at its limit
+        g = (-3.7 + 0.05 * x).clamp(max=0)
+    else:                          # a mix: most dims keep their memory, some forget at once
+        g = torch.where(x > 1, -8.0 + x, F.logsigmoid(x) / 4)
+    h0 = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64) if with_initial_state else None
+    return [t.to(device) for t in (q, k, v, g)], (h0.to(device) if h0 is not None else None)
+
+
+def gla_and_grads(fn, inputs, h0, do, dht, dtype):
+    """Run fn in `dtype`, backpropagate the given output and final-state gradients, return all results."""
+    xs = [x.to(dtype).detach().requires_grad_() for x in inputs]
+    h = h0.to(torch.float32 if dtype != torch.float64 else dtype).detach().requires_grad_() if h0 is not None else None
+    o, s = fn(*xs, initial_state=h, output_final_state=True)
+    ((o.to(do.dtype) * do).sum() + (s.to(dht.dtype) * dht).sum()).backward()
+    grads = [x.grad for x in xs] + ([h.grad] if h is not None else [])
+    return [o, s] + grads
+
+
+def assert_close(name, got, ref, tol, magnitude=0.0):
+    """Relative error of got against ref, in norm. `magnitude` is the size of the terms ref is a sum of:
+    where those cancel (dg at T = 1 is exactly 0), the error is judged against them instead."""
+    got, ref = got.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got - ref).norm().item()
+    bound = tol * max(ref.norm().item(), magnitude)
+    assert err <= bound, f"{name}: |got - ref| = {err:.3e} > {bound:.3e} (|ref| = {ref.norm().item():.3e})"
+
+
+GLA_RESULTS = ["o", "final_state", "dq", "dk", "dv", "dg", "d_initial_state"]
+GLA_SHAPES = [  # B, T, H, K, V: T = 1, lengths off the chunk grid, K != V
+    (2, 1, 2, 16, 32),
+    (2, 17, 2, 32, 16),
+    (1, 64, 3, 16, 32),
+    (2, 100, 2, 32, 64),
+    (1, 300, 2, 16, 16),
+]
+
+
+def check_against_naive(fn, shape, gates, with_h0, dtype, tol, device):
+    seed = fresh_seed()
+    inputs, h0 = make_gla_inputs(*shape, gates, with_h0, seed=seed)
+    B, T, H, K, V = shape
+    gen = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    dht = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    ref = gla_and_grads(naive_gla, inputs, h0, do, dht, torch.float64)
+    got = gla_and_grads(fn, [x.to(device) for x in inputs], h0.to(device) if h0 is not None else None,
+                        do.to(device), dht.to(device), dtype)
+    q, k = inputs[:2]
+    dq, dk = ref[2:4]
+    dg_terms = (q * dq).norm().item() + (k * dk).norm().item()   # dg sums q*dq - k*dk over later tokens
+    for name, a, b in zip(GLA_RESULTS, got, ref):
+        assert_close(f"{name} (seed {seed})", a, b, tol, magnitude=dg_terms if name == "dg" else 0.0)
+
+
+@pytest.mark.parametrize("shape", GLA_SHAPES)
+@pytest.mark.parametrize("gates,with_h0", [("mild", True), ("strong", False), ("mixed", True)])
+def test_torch_chunked_matches_naive(shape, gates, with_h0):
+    check_against_naive(chunk_gla_torch, shape, gates, with_h0, torch.float64, 1e-10, "cpu")
+
+
+@pytest.mark.parametrize("shape", GLA_SHAPES)
+@pytest.mark.parametrize("gates,with_h0", [("mild", True), ("strong", False), ("mixed", True), ("edge", True)])
+def test_triton_fp32_matches_naive(shape, gates, with_h0):
+    # 1e-4, not 1e-5: on a GPU tl.exp is the hardware exp2 (a few ulp), and G reaches tens in magnitude.
+    check_against_naive(chunk_gla, shape, gates, with_h0, torch.float32, 1e-4 if GPU else 1e-5, DEVICE)
+
+
+@pytest.mark.parametrize("gates", ["mild", "mixed"])
+def test_triton_elementwise_path_matches_naive(gates, monkeypatch):
+    # With mild gates the kernels take the factored exp(G_i) exp(-G_j) path; a limit of 0 forces the
+    # element-wise [16, 16, K] path everywhere, so both are checked on the same kind of input.
+    monkeypatch.setattr(gla_kernel, "FACTOR_LIMIT", 0.0)
+    check_against_naive(chunk_gla, (2, 100, 2, 32, 64), gates, True, torch.float32, 1e-4 if GPU else 1e-5, DEVICE)
+
+
+@pytest.mark.skipif(GPU, reason="CPU-only: fp16 tl.dot under the Triton interpreter")
+def test_triton_fp16_interpreter():
+    check_against_naive(chunk_gla, (2, 100, 2, 32, 64), "mixed", True, torch.float16, 5e-3, "cpu")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("shape", GLA_SHAPES + [(2, 1000, 4, 64, 64), (1, 4100, 2, 128, 128), (3, 257, 2, 32, 128)])
+@pytest.mark.parametrize("gates", ["mild", "strong", "mixed", "edge"])
+def test_triton_half_precision_on_gpu(shape, gates, dtype, tol):
+    check_against_naive(chunk_gla, shape, gates, True, dtype, tol, "cuda")
+
+
+@needs_gpu
+def test_triton_long_sequence_fp32_on_gpu():
+    check_against_naive(chunk_gla, (1, 2000, 2, 32, 64), "mild", True, torch.float32, 1e-4, "cuda")
+
+
+def test_triton_noncontiguous_inputs_work():
+    (q, k, v, g), _ = make_gla_inputs(2, 40, 2, 16, 32, "mild", False, device=DEVICE)
+    q, k, v, g = (x.float() for x in (q, k, v, g))
+    # Views with the head and time axes swapped twice: same values, non-contiguous strides.
+    qn, kn, vn, gn = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v, g))
+    assert not qn.is_contiguous()
+    o1, _ = chunk_gla(q, k, v, g)
+    o2, _ = chunk_gla(qn, kn, vn, gn)
+    assert torch.equal(o1, o2)
+
+
+def test_triton_final_state_only_depends_on_prefix():
+    (q, k, v, g), h0 = make_gla_inputs(1, 90, 2, 16, 16, "mixed", True, device=DEVICE)
+    q, k, v, g, h0 = (x.float() for x in (q, k, v, g, h0))
+    # Running 90 tokens at once equals running 50, then 40 from the 50-token final state.
+    o, s = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o1, s1 = chunk_gla(q[:, :50], k[:, :50], v[:, :50], g[:, :50], initial_state=h0, output_final_state=True)
+    o2, s2 = chunk_gla(q[:, 50:], k[:, 50:], v[:, 50:], g[:, 50:], initial_state=s1, output_final_state=True)
+    assert_close("o", torch.cat([o1, o2], dim=1), o, 1e-5)
+    assert_close("final_state", s2, s, 1e-5)
+
+
+def test_gla_bad_inputs_raise_clear_errors():
+    (q, k, v, g), _ = make_gla_inputs(1, 8, 2, 16, 16, "mild", False)
+    q, k, v, g = (x.float().to(DEVICE) for x in (q, k, v, g))
+    with pytest.raises(ValueError, match=r"\[B, T, H, K\]"):
+        chunk_gla(q[0], k, v, g)
+    with pytest.raises(ValueError, match=r"v must be \[B, T, H, V\]"):
+        chunk_gla(q, k, v[:, :4], g)
+    with pytest.raises(ValueError, match="initial_state must be"):
+        chunk_gla(q, k, v, g, initial_state=torch.zeros(1, 2, 16, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="g <= 0"):
+        chunk_gla(q, k, v, g.abs() + 0.1)
+    with pytest.raises(ValueError, match="g <= 0"):
+        chunk_gla_torch(q, k, v, g.abs() + 0.1)
+    with pytest.raises(ValueError, match="share one dtype"):
+        chunk_gla(q, k, v.double(), g)
+    with pytest.raises(ValueError, match="dtypes"):
+        chunk_gla(q.double(), k.double(), v.double(), g.double())
+    with pytest.raises(ValueError, match="head dims"):
+        chunk_gla(q[..., :12], k[..., :12], v, g[..., :12])
+    with pytest.raises(ValueError, match="T >= 1"):
+        chunk_gla(q[:, :0], k[:, :0], v[:, :0], g[:, :0])
+
+
+def test_gla_cpu_tensors_rejected_outside_interpreter(monkeypatch):
+    monkeypatch.setattr(gla_kernel, "_interpreting", lambda: False)
+    (q, k, v, g), _ = make_gla_inputs(1, 8, 2, 16, 16, "mild", False)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        chunk_gla(*(x.float() for x in (q, k, v, g)))
+
+
+# =========================================================================================================
+# 2. Model: DiG and its DiT twin (dig.py), on the CPU
+
+
+def tiny_dig(**kwargs):
+    args = dict(depth=4, hidden_size=64, num_heads=2, patch_size=2, input_size=8, in_channels=4, num_classes=10)
+    return dig.DiG(**{**args, **kwargs})
+
+
+def tiny_dit(**kwargs):
+    args = dict(depth=2, hidden_size=64, num_heads=2, patch_size=2, input_size=8, in_channels=4, num_classes=10)
+    return dig.DiT(**{**args, **kwargs})
+
+
+def randomize_(model, std=0.1, seed=0):
+    """Give the zero-initialised parts (adaLN, final layer) random values, so outputs are not trivially zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or "final_layer" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def model_inputs(model, n=3, seed=0):
+    """A batch the model accepts: latents x, timesteps t and class labels y."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, model.in_channels, model.input_size, model.input_size, generator=gen)
+    t = torch.randint(0, 1000, (n,), generator=gen)
+    y = torch.randint(0, model.num_classes, (n,), generator=gen)
+    return x, t, y
+
+
+@pytest.mark.parametrize("cls", [tiny_dig, tiny_dit])
+@pytest.mark.parametrize("input_size,patch,channels,learn_sigma", [
+    (8, 2, 4, True), (16, 4, 3, False), (16, 8, 1, True), (12, 2, 4, True)])
+def test_output_shapes(cls, input_size, patch, channels, learn_sigma):
+    model = cls(input_size=input_size, patch_size=patch, in_channels=channels, learn_sigma=learn_sigma)
+    x, t, y = model_inputs(model, n=2)
+    out = model(x, t, y)
+    assert out.shape == (2, channels * (2 if learn_sigma else 1), input_size, input_size)
+    assert model.out_channels == out.shape[1] and model.patch_size == patch and model.input_size == input_size
+
+
+@pytest.mark.parametrize("cls", [tiny_dig, tiny_dit])
+def test_output_is_exactly_zero_at_init(cls):
+    model = cls()
+    out = model(*model_inputs(model))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_dig_blocks_are_identity_at_init():
+    # Zero gates (adaLN-Zero), identity depthwise convs and a scan order of period 4: the trunk is the identity.
+    model = tiny_dig(depth=8, input_size=12)
+    x = torch.randn(2, model.grid_size ** 2, 64)
+    c = torch.randn(2, 64)
+    assert torch.equal(model.run_blocks(x, c), x)
+
+
+def test_scan_order_visits_four_directions_and_returns_to_raster():
+    side = 5
+    ids = torch.arange(side * side).view(1, -1, 1)          # token ids in raster order
+    grid = torch.arange(side * side).view(side, side)
+    expected = [grid.flatten(), grid.flatten().flip(0), grid.t().flatten(), grid.t().flatten().flip(0)]
+    x = ids
+    for i in range(8):
+        assert torch.equal(x.flatten(), expected[i % 4]), f"block {i} sees the wrong order"
+        x = dig.reorient(x, i, side)
+    assert torch.equal(x, ids)
+
+
+def test_reorient_moves_whole_tokens():
+    # Whole feature vectors move together; nothing is mixed across channels.
+    x = torch.randn(2, 16, 3)
+    y = dig.reorient(x, 1, 4)
+    assert torch.equal(y.sort(dim=1).values, x.sort(dim=1).values)
+    assert torch.equal(y[:, 0], x[:, -1])
+
+
+def test_dwconv_is_identity_at_init_and_works_on_the_grid():
+    conv = dig.DepthwiseConv(dim=3, side=4)
+    x = torch.randn(2, 16, 3)
+    assert torch.equal(conv(x), x)
+    with torch.no_grad():
+        conv.conv.weight.zero_()
+        conv.conv.weight[:, :, 0, 1] = 1                     # output (r, c) = input (r - 1, c): the token above
+    out = conv(x).view(2, 4, 4, 3)
+    grid = x.view(2, 4, 4, 3)
+    assert torch.equal(out[:, 1:], grid[:, :-1]) and torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
+
+
+def test_gla_mixer_is_causal_in_scan_order():
+    torch.manual_seed(0)
+    mixer = dig.GatedLinearAttention(dim=32, num_heads=2)
+    x = torch.randn(2, 20, 32)
+    x2 = x.clone()
+    x2[:, 11] += 1.0
+    diff = (mixer(x2) - mixer(x)).abs().amax(dim=(0, 2))
+    assert torch.all(diff[:11] == 0) and torch.all(diff[11:] > 0)
+
+
+def test_gla_mixer_matches_a_direct_recurrence():
+    # An independent implementation of the GLA layer from its definition (token by token, float64).
+    torch.manual_seed(0)
+    m = dig.GatedLinearAttention(dim=32, num_heads=2).double()
+    with torch.no_grad():
+        m.norm_weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    H, K, V = 2, 8, 16
+    q, k, v = m.q(x).view(2, 9, H, K), m.k(x).view(2, 9, H, K), m.v(x).view(2, 9, H, V)
+    g = F.logsigmoid(m.forget_gate(x)).view(2, 9, H, K) / 16
+    S = torch.zeros(2, H, K, V, dtype=torch.float64)
+    outs = []
+    for t in range(9):
+        S = g[:, t, :, :, None].exp() * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        o = torch.einsum("bhk,bhkv->bhv", q[:, t] * K ** -0.5, S)
+        o = o / o.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * m.norm_weight
+        outs.append(o * F.silu(m.out_gate(x[:, t]).view(2, H, V)))
+    expected = m.proj(torch.stack(outs, 1).flatten(2))
+    torch.testing.assert_close(m(x), expected)
+
+
+def test_swiglu_hidden_sizes():
+    for dim, hidden in [(384, 1024), (768, 2048), (1024, 2816), (1152, 3072)]:
+        assert dig.SwiGLU(dim).down.in_features == hidden
+
+
+def test_dit_attention_variants_agree():
+    torch.manual_seed(0)
+    sdpa = randomize_(tiny_dit(attention="sdpa"))
+    mat = tiny_dit(attention="materialized")
+    mat.load_state_dict(sdpa.state_dict())
+    x, t, y = model_inputs(sdpa)
+    out = sdpa(x, t, y)
+    assert out.abs().max() > 1e-3
+    torch.testing.assert_close(mat(x, t, y), out, atol=1e-5, rtol=1e-4)
+
+
+SPEC_PARAMS = {"DiG-S/2": 33.1e6, "DiG-B/2": 130.8e6, "DiG-L/2": 465e6, "DiG-XL/2": 676e6,
+               "DiT-S/2": 33.0e6, "DiT-B/2": 130.5e6, "DiT-L/2": 458e6, "DiT-XL/2": 675e6}
+
+
+@pytest.mark.parametrize("name", SPEC_PARAMS)
+def test_parameter_counts(name):
+    registry = dig.DiG_models if name.startswith("DiG") else dig.DiT_models
+    with torch.device("meta"):
+        model = registry[name](input_size=32, in_channels=4, num_classes=1000)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count / SPEC_PARAMS[name] - 1) < 0.01, f"{name}: {count / 1e6:.2f}M"
+
+
+def test_named_configs():
+    assert len(dig.DiG_models) == 12 and len(dig.DiT_models) == 12
+    with torch.device("meta"):
+        m = dig.DiG_models["DiG-B/4"](input_size=64, num_classes=10, learn_sigma=False)
+    assert (m.patch_size, m.input_size, m.num_classes, m.out_channels, len(m.blocks)) == (4, 64, 10, 4, 12)
+
+
+def test_model_bad_inputs_raise_clear_errors():
+    model = tiny_dig()
+    x, t, y = model_inputs(model)
+    with pytest.raises(ValueError, match="built for"):
+        model(torch.randn(3, 4, 16, 16), t, y)
+    with pytest.raises(ValueError, match="built for"):
+        model(torch.randn(3, 3, 8, 8), t, y)
+    with pytest.raises(ValueError, match="labels"):
+        model(x, t, torch.tensor([0, 11, 2]))
+    with pytest.raises(ValueError, match="labels"):
+        model(x, t, torch.tensor([0, -1, 2]))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        tiny_dig(depth=6)
+    with pytest.raises(ValueError, match="divide"):
+        tiny_dig(input_size=10, patch_size=4)
+    with pytest.raises(ValueError, match="attention"):
+        tiny_dit(attention="flash")
+    model(x, t, torch.full((3,), 10))        # the null label is a valid input
+
+
+def test_label_dropout():
+    model = tiny_dig(class_dropout_prob=0.5)
+    emb = model.y_embedder
+    labels = torch.zeros(1000, dtype=torch.long)
+    null = emb.embedding_table.weight[10]
+    model.eval()
+    assert not (emb(labels) == null).all(dim=1).any()
+    model.train()
+    dropped = (emb(labels) == null).all(dim=1).float().mean()
+    assert 0.4 < dropped < 0.6
+    forced = emb(torch.tensor([1, 2]), force_drop_ids=torch.tensor([1, 0]))
+    assert torch.equal(forced[0], null) and torch.equal(forced[1], emb.embedding_table.weight[2])
+
+
+def test_forward_with_cfg():
+    model = randomize_(tiny_dig()).eval()
+    x, t, y = model_inputs(model, n=2)
+    null = torch.full_like(y, model.num_classes)
+    xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
+    cond, uncond = model(x, t, y), model(x, t, null)
+    C = model.in_channels
+    for scale in (1.0, 0.0, 4.0):
+        out = model.forward_with_cfg(xx, tt, yy, scale)
+        guided = uncond[:, :C] + scale * (cond[:, :C] - uncond[:, :C])   # all channels of eps are guided
+        torch.testing.assert_close(out[:2, :C], guided, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out[2:, :C], guided, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out[:, C:], torch.cat([cond, uncond])[:, C:], atol=1e-5, rtol=1e-4)
+
+
+# =========================================================================================================
+# 3. Diffusion (dig.py): the maths of the schedule, the loss and respacing, then sampling
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return dig.create_diffusion()
+
+
+def test_schedule(diffusion):
+    assert diffusion.num_timesteps == 1000
+    assert diffusion.betas[0] == pytest.approx(1e-4) and diffusion.betas[-1] == pytest.approx(0.02)
+    np.testing.assert_allclose(diffusion.alphas_cumprod, np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
+
+
+def test_q_sample_matches_closed_form(diffusion):
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 3, 5, 5)
+    t = torch.tensor([0, 1, 400, 999])
+    noise = torch.randn_like(x0)
+    abar = torch.tensor(diffusion.alphas_cumprod[t.numpy()], dtype=torch.float32).view(-1, 1, 1, 1)
+    torch.testing.assert_close(diffusion.q_sample(x0, t, noise), abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
+    # Empirically: mean sqrt(abar) x0 and variance 1 - abar.
+    x0 = torch.full((20000, 1, 1, 1), 0.7)
+    t = torch.full((20000,), 300)
+    xt = diffusion.q_sample(x0, t)
+    abar = diffusion.alphas_cumprod[300]
+    assert xt.mean().item() == pytest.approx(math.sqrt(abar) * 0.7, abs=0.02)
+    assert xt.var().item() == pytest.approx(1 - abar, rel=0.05)
+
+
+def test_posterior_matches_bayes_rule(diffusion):
+    # q(x_{t-1} | x_t, x_0) ~ q(x_t | x_{t-1}) q(x_{t-1} | x_0): product of two Gaussians in x_{t-1}.
+    torch.manual_seed(0)
+    t = torch.tensor([1, 2, 50, 500, 999])
+    x0, xt = torch.randn(5, 2, 3, 3, dtype=torch.float64), torch.randn(5, 2, 3, 3, dtype=torch.float64)
+    mean, var, log_var = diffusion.q_posterior_mean_variance(x0, xt, t)
+    beta = torch.tensor(diffusion.betas[t.numpy()]).view(-1, 1, 1, 1)
+    abar_prev = torch.tensor(np.cumprod(1 - diffusion.betas)[t.numpy() - 1]).view(-1, 1, 1, 1)
+    precision = (1 - beta) / beta + 1 / (1 - abar_prev)
+    expected_mean = ((1 - beta).sqrt() * xt / beta + abar_prev.sqrt() * x0 / (1 - abar_prev)) / precision
+    torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double().expand_as(mean), (1 / precision).expand_as(mean), rtol=1e-5, atol=0)
+    torch.testing.assert_close(log_var.exp().double(), 1 / precision, rtol=1e-5, atol=0)
+
+
+def test_normal_kl_known_values():
+    m1, lv1 = torch.tensor([0.0, 1.0, 0.3]), torch.tensor([0.0, 0.0, math.log(0.5)])
+    m2, lv2 = torch.tensor([0.0, 0.0, -0.2]), torch.tensor([0.0, 0.0, math.log(2.0)])
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (0.5 * lv1).exp()),
+                                                 torch.distributions.Normal(m2, (0.5 * lv2).exp()))
+    torch.testing.assert_close(dig.normal_kl(m1, lv1, m2, lv2), expected)
+    assert dig.normal_kl(m1, lv1, m2, lv2)[1].item() == pytest.approx(0.5)
+
+
+def test_discretized_likelihood_is_a_distribution_over_the_256_bins():
+    bins = torch.linspace(-1, 1, 256)
+    for mean, log_scale in [(0.0, math.log(0.3)), (0.9, math.log(0.05)), (-0.4, 0.5)]:
+        logp = dig.discretized_gaussian_log_likelihood(bins, torch.full_like(bins, mean),
+                                                       torch.full_like(bins, log_scale))
+        assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-4)
+    # A very narrow Gaussian on a bin centre puts all its mass in that bin.
+    x = torch.tensor([-1.0, 0.0, 1.0])
+    logp = dig.discretized_gaussian_log_likelihood(x, x, torch.full_like(x, -10.0))
+    torch.testing.assert_close(logp, torch.zeros(3), atol=1e-6, rtol=0)
+
+
+def test_perfect_model_has_zero_loss(diffusion):
+    # A "model" that outputs the true noise and v = -1 (variance = the true posterior variance) matches the
+    # posterior exactly: MSE 0 and KL 0 for every t >= 1.
+    torch.manual_seed(0)
+    x0, noise = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
+    t = torch.tensor([1, 2, 300, 999])
+    perfect = lambda x, t, **kwargs: torch.cat([noise, -torch.ones_like(noise)], dim=1)
+    losses = diffusion.training_losses(perfect, x0, t, noise=noise)
+    assert set(losses) == {"loss", "mse", "vb"} and losses["loss"].shape == (4,)
+    torch.testing.assert_close(losses["mse"], torch.zeros(4))
+    torch.testing.assert_close(losses["vb"], torch.zeros(4), atol=1e-4, rtol=0)
+    # A wrong variance costs KL > 0, and the bound's gradient reaches the variance but not the eps output.
+    out = torch.cat([noise, torch.zeros_like(noise)], dim=1).requires_grad_()
+    losses = diffusion.training_losses(lambda x, t: out, x0, t, noise=noise)
+    assert (losses["vb"] > 0).all()
+    losses["vb"].sum().backward()
+    assert out.grad[:, :3].abs().max() == 0 and out.grad[:, 3:].abs().max() > 0
+
+
+def test_vb_at_t0_is_the_decoder_nll(diffusion):
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    t = torch.zeros(2, dtype=torch.long)
+    out = torch.cat([torch.zeros_like(x0), torch.zeros_like(x0)], dim=1)
+    losses = diffusion.training_losses(lambda x, t: out, x0, t, noise=torch.zeros_like(x0))
+    p = diffusion._p_from_output(out, diffusion.q_sample(x0, t, torch.zeros_like(x0)), t)
+    nll = -dig.discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"]).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(losses["vb"], nll / math.log(2))
+
+
+def test_respacing_keeps_the_marginals(diffusion):
+    for spacing, count in [("250", 250), ("ddim50", 50), ("10,20,5", 35), ([4, 4], 8), ("1000", 1000)]:
+        spaced = dig.create_diffusion(spacing)
+        kept = spaced.timestep_map
+        assert spaced.num_timesteps == count == len(set(kept.tolist()))
+        assert np.all(np.diff(kept) > 0)
+        np.testing.assert_allclose(spaced.alphas_cumprod, diffusion.alphas_cumprod[kept], rtol=1e-12)
+    assert dig.space_timesteps(1000, "250")[0] == 0 and dig.space_timesteps(1000, "250")[-1] == 999
+    assert dig.space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    np.testing.assert_allclose(dig.create_diffusion("1000").betas, diffusion.betas, rtol=1e-10)
+    with pytest.raises(ValueError):
+        dig.create_diffusion("2000")
+
+
+def test_respaced_sampler_calls_the_model_with_original_steps():
+    spaced = dig.create_diffusion("10")
+    seen = []
+
+    def model(x, t):
+        seen.append(t[0].item())
+        return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+    spaced.p_sample_loop(model, (2, 1, 2, 2), noise=torch.randn(2, 1, 2, 2))
+    assert seen == sorted(spaced.timestep_map.tolist(), reverse=True) and seen[0] == 999 and seen[-1] == 0
+
+
+# --- sampling ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_looking_model():
+    torch.manual_seed(0)
+    return randomize_(tiny_dig(in_channels=3), std=0.05).eval()
+
+
+def test_ddim_eta0_is_deterministic(trained_looking_model):
+    model = trained_looking_model
+    labels = torch.tensor([1, 2])
+    noise = torch.randn(2, 3, 8, 8)
+    a = dig.sample(model, labels, steps=10, sampler="ddim", noise=noise)
+    torch.manual_seed(123)                                   # other global RNG state: must not matter
+    b = dig.sample(model, labels, steps=10, sampler="ddim", noise=noise)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    c = dig.sample(model, labels, steps=10, sampler="ddim", noise=noise, eta=1.0)
+    assert not torch.equal(a, c)
+
+
+def test_ddpm_samples_are_finite_and_seeded(trained_looking_model):
+    model = trained_looking_model
+    labels = torch.tensor([0, 5, 9])
+    a = dig.sample(model, labels, steps=20, generator=torch.Generator().manual_seed(7))
+    b = dig.sample(model, labels, steps=20, generator=torch.Generator().manual_seed(7))
+    assert a.shape == (3, 3, 8, 8) and torch.isfinite(a).all() and torch.equal(a, b)
+    guided = dig.sample(model, labels, steps=20, cfg_scale=4.0, generator=torch.Generator().manual_seed(7))
+    assert guided.shape == a.shape and torch.isfinite(guided).all() and not torch.allclose(guided, a)
+
+
+def test_guidance_scale_one_equals_the_conditional_model(trained_looking_model):
+    # The guided path (batch doubled, null labels) at a scale of 1 must reproduce the plain conditional sampler.
+    model = trained_looking_model
+    labels = torch.tensor([3, 4])
+    noise = torch.randn(2, 3, 8, 8)
+    plain = dig.sample(model, labels, steps=10, sampler="ddim", noise=noise, cfg_scale=1.0)
+    guided_path = dig.sample(model, labels, steps=10, sampler="ddim", noise=noise, cfg_scale=1.0 + 1e-12)
+    torch.testing.assert_close(guided_path, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_fixed_variance_model_trains_and_samples():
+    # learn_sigma=False: the model predicts eps only; the variance is fixed and the loss is the MSE alone.
+    model = randomize_(tiny_dig(in_channels=3, learn_sigma=False), std=0.05).eval()
+    x, t, y = model_inputs(model, n=2)
+    losses = dig.create_diffusion().training_losses(model, x, t, {"y": y})
+    assert torch.equal(losses["vb"], torch.zeros(2)) and torch.equal(losses["loss"], losses["mse"])
+    out = dig.sample(model, y, steps=5, cfg_scale=2.0)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_sample_rejects_bad_arguments(trained_looking_model):
+    with pytest.raises(ValueError, match="sampler"):
+        dig.sample(trained_looking_model, torch.tensor([1]), steps=5, sampler="euler")
+    with pytest.raises(ValueError, match="noise"):
+        dig.sample(trained_looking_model, torch.tensor([1]), steps=5, noise=torch.randn(1, 3, 4, 4))
+
+
+# =========================================================================================================
+# 4. Training: a DiG learns (dig.py), then train_tiny.py: data loading, runs (smoke, time budget, exact
+#    resume, NaN stop, bad checkpoints, latents, two processes under torchrun with gloo), the kernel check and
+#    the ResNet-56 judge. The runs use the CPU (bitwise-exact resume needs deterministic kernels), plus one
+#    smoke run on a GPU when there is one.
+
+
+def test_every_parameter_gets_gradient_after_a_step():
+    torch.manual_seed(0)
+    model = tiny_dig()
+    diffusion = dig.create_diffusion()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, _, y = model_inputs(model, n=4)
+    t = torch.tensor([0, 10, 500, 999])
+    # Zero-initialised layers pass no gradient on: step 1 moves only the final Linear, step 2 the adaLN
+    # layers, and from step 3 on every parameter learns.
+    for _ in range(3):
+        opt.zero_grad()
+        diffusion.training_losses(model, x, t, {"y": y})["loss"].mean().backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        if name == "pos_embed":
+            assert p.grad is None and not p.requires_grad
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_small_dig_overfits_one_batch():
+    # Fixed batch, fixed steps and fixed noise: memorising eps must drive the MSE far below its initial 1.
+    torch.manual_seed(0)
+    model = tiny_dig(input_size=8, class_dropout_prob=0.0)
+    diffusion = dig.create_diffusion()
+    x, _, y = model_inputs(model, n=8)
+    t = torch.randint(0, 1000, (8,))
+    noise = torch.randn_like(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0)
+    mses = []
+    for _ in range(150):
+        losses = diffusion.training_losses(model, x, t, {"y": y}, noise=noise)
+        opt.zero_grad()
+        losses["loss"].mean().backward()
+        opt.step()
+        mses.append(losses["mse"].mean().item())
+    assert mses[0] == pytest.approx(1.0, abs=0.3)           # the model outputs 0 at init: MSE = E[noise^2]
+    assert mses[-1] < mses[0] / 100, f"MSE {mses[0]:.3f} -> {mses[-1]:.3f}"
+
+
+def test_train_step_closure_runs_under_bf16_autocast():
+    model = tiny_dig()
+    before = [p.detach().clone() for p in model.parameters()]
+    step = dig.make_train_step(model, batch=2, device=torch.device("cpu"))
+    step()
+    step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+
+
+# A DiG small enough for a CPU: 4 blocks, width 64, one head, 4x4 patches (64 tokens for 32x32 images).
+TINY = ["--model", "DiG-S/4", "--depth", "4", "--hidden-size", "64", "--num-heads", "1", "--batch-size", "8",
+        "--lr", "1e-3", "--warmup", "2", "--ema", "0.9", "--sample-steps", "2", "--log-every", "1",
+        "--device", "cpu"]
+
+
+def write_cifar(root, n_per_batch=(120, 80), seed=0):
+    """Random images and labels in the official cifar-10-batches-py layout; returns (data, labels)."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    xs, ys = [], []
+    for i, n in enumerate(n_per_batch, start=1):
+        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, 10, n)]
+        with open(os.path.join(folder, f"data_batch_{i}"), "wb") as f:
+            pickle.dump({b"data": x, b"labels": y, b"batch_label": b"test"}, f, protocol=2)
+        xs.append(x)
+        ys += y
+    return np.concatenate(xs), np.array(ys)
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data"))
+    write_cifar(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def smoke_run(cifar_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("smoke"))
+    result = train_tiny.main(TINY + ["--data-dir", cifar_dir, "--out", out, "--steps", "4",
+                                     "--ckpt-every", "2", "--sample-every", "2"])
+    return out, result
+
+
+def weights(path, key="model"):
+    return torch.load(path, map_location="cpu", weights_only=True)[key]
+
+
+# --- data -------------------------------------------------------------------------------------------------
+
+def test_cifar_loader_reads_official_layout(tmp_path):
+    data, labels = write_cifar(str(tmp_path))
+    x, y = train_tiny.load_cifar10(str(tmp_path), download=False)
+    assert x.dtype == torch.uint8 and x.shape == (200, 3, 32, 32)
+    assert y.dtype == torch.int64 and y.tolist() == labels.tolist()
+    # rows are 1024 red, 1024 green, 1024 blue values, each plane row-major
+    assert x[7, 1, 3, 5] == data[7, 1024 + 3 * 32 + 5]
+    assert torch.equal(x.reshape(200, -1), torch.from_numpy(data))
+
+
+def test_cifar_missing_folder_error(tmp_path):
+    with pytest.raises(SystemExit, match="cifar-10-batches-py"):
+        train_tiny.load_cifar10(str(tmp_path / "nowhere"), download=False)
+
+
+def test_cifar_download_failure_says_where_to_put_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_tiny, "CIFAR_URL", (tmp_path / "no-such-archive.tar.gz").as_uri())
+    with pytest.raises(SystemExit, match="DATA_DIR"):
+        train_tiny.load_cifar10(str(tmp_path / "data"))
+
+
+def test_cifar_download_checks_md5(tmp_path, monkeypatch):
+    fake = tmp_path / "fake.tar.gz"
+    with tarfile.open(fake, "w:gz") as tar:
+        tar.add(__file__, arcname="cifar-10-batches-py/data_batch_1")
+    monkeypatch.setattr(train_tiny, "CIFAR_URL", fake.as_uri())
+    with pytest.raises(SystemExit, match="MD5"):
+        train_tiny.load_cifar10(str(tmp_path / "data"))
+    assert not (tmp_path / "data" / "cifar-10-python.tar.gz").exists()  # deleted, so a rerun retries
+
+
+def test_cifar_corrupt_file_is_named(tmp_path):
+    write_cifar(str(tmp_path))
+    bad = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    bad.write_bytes(bad.read_bytes()[:1000])
+    with pytest.raises(SystemExit, match="data_batch_2"):
+        train_tiny.load_cifar10(str(tmp_path), download=False)
+
+
+# --- training runs ----------------------------------------------------------------------------------------
+
+def test_smoke_run_writes_checkpoint_samples_and_log(smoke_run):
+    out, result = smoke_run
+    assert result["step"] == 4
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["args"]["model"] == "DiG-S/4"
+    assert all(torch.isfinite(v).all() for v in ckpt["ema"].values() if v.is_floating_point())
+    for name in ("samples_0000002.png", "samples_0000004.png", "loss.png"):
+        assert Image.open(os.path.join(out, name)).size[0] > 0
+    assert Image.open(os.path.join(out, "samples_0000004.png")).size == (10 * 34 + 2, 10 * 34 + 2)
+    rows = train_tiny.read_log(os.path.join(out, "log.csv"))
+    assert [s for s, _ in rows] == [1, 2, 3, 4]
+
+
+def test_time_budget_stops_the_run(cifar_dir, tmp_path):
+    out = str(tmp_path / "timed")
+    result = train_tiny.main(TINY + ["--data-dir", cifar_dir, "--out", out, "--minutes", "0"])
+    assert result["step"] == 1  # out of time after the first step; checkpoint and samples still written
+    assert os.path.exists(os.path.join(out, "ckpt.pt")) and os.path.exists(os.path.join(out, "samples_0000001.png"))
+
+
+@needs_gpu
+def test_gpu_smoke_run(cifar_dir, tmp_path):  # bf16 autocast, and the kernel check before training
+    out = str(tmp_path / "gpu")
+    argv = TINY[:-1] + ["cuda", "--data-dir", cifar_dir, "--out", out, "--steps", "3"]
+    assert train_tiny.main(argv)["step"] == 3
+    assert os.path.exists(os.path.join(out, "samples_0000003.png"))
+
+
+def test_resume_matches_uninterrupted_run(cifar_dir, tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    base = TINY + ["--data-dir", cifar_dir, "--sample-every", "0"]
+    train_tiny.main(base + ["--out", straight, "--steps", "6"])
+    train_tiny.main(base + ["--out", split, "--steps", "3"])
+    train_tiny.main(base + ["--resume", split, "--steps", "6"])
+    for key in ("model", "ema"):
+        a, b = weights(os.path.join(straight, "ckpt.pt"), key), weights(os.path.join(split, "ckpt.pt"), key)
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"{key}.{name} differs after resume"
+    assert [s for s, _ in train_tiny.read_log(os.path.join(split, "log.csv"))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar_dir, tmp_path, monkeypatch):
+    real = train_tiny.dig.create_diffusion
+
+    def poisoned(**kwargs):  # the 5th training step sees a NaN loss
+        diffusion, calls = real(**kwargs), []
+        clean = diffusion.training_losses
+
+        def training_losses(*a, **k):
+            out = clean(*a, **k)
+            calls.append(1)
+            if len(calls) == 5:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+        diffusion.training_losses = training_losses
+        return diffusion
+
+    monkeypatch.setattr(train_tiny.dig, "create_diffusion", poisoned)
+    out = str(tmp_path / "nan")
+    with pytest.raises(SystemExit, match=r"(?s)nan.*step 5.*step 4"):
+        train_tiny.main(TINY + ["--data-dir", cifar_dir, "--out", out, "--steps", "8", "--ckpt-every", "2",
+                                "--sample-every", "0"])
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_corrupt_or_missing_checkpoint_errors(smoke_run, tmp_path):
+    good = os.path.join(smoke_run[0], "ckpt.pt")
+    truncated = tmp_path / "ckpt.pt"
+    truncated.write_bytes(open(good, "rb").read()[:5000])
+    with pytest.raises(SystemExit, match="truncated or corrupt"):
+        train_tiny.main(["--resume", str(truncated), "--steps", "5"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        train_tiny.main(["--resume", str(tmp_path / "missing.pt"), "--steps", "5"])
+    with pytest.raises(SystemExit, match="continues that network"):
+        train_tiny.main(["--resume", good, "--model", "DiT-S/4"])
+
+
+def test_latents_run(tmp_path):
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "latents.npz")
+    np.savez(path, latents=rng.standard_normal((48, 4, 8, 8)).astype(np.float32),
+             labels=rng.integers(0, 5, 48))
+    out = str(tmp_path / "lat")
+    tiny = TINY[:1] + ["DiG-S/2"] + TINY[2:]  # 8x8 latents in 2x2 patches: 16 tokens
+    result = train_tiny.main(tiny + ["--latents", path, "--out", out, "--steps", "3"])
+    assert result["step"] == 3
+    model = weights(os.path.join(out, "ckpt.pt"))
+    assert any(v.ndim == 4 and v.shape[1] == 4 for v in model.values())  # the patch embedding takes 4 channels
+    # 5 classes, 10 samples each; 8x8 latents are enlarged 4x to 32x32 tiles
+    assert Image.open(os.path.join(out, "samples_0000003.png")).size == (10 * 34 + 2, 5 * 34 + 2)
+
+
+def test_torchrun_two_processes_gloo(cifar_dir, tmp_path):
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train_tiny.py")] + TINY + ["--data-dir", cifar_dir, "--out", out, "--steps", "2"]
+    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    assert torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)["step"] == 2
+
+
+# --- the kernel check -------------------------------------------------------------------------------------
+
+def test_gla_kernel_check_passes():  # on a CPU: fp32 in Triton's interpreter (it has no bf16)
+    dtypes = (torch.float32, torch.bfloat16) if GPU else (torch.float32,)
+    assert train_tiny.check_gla_kernel(torch.device("cuda" if GPU else "cpu"), dtypes) < 1e-2
+
+
+def test_gla_kernel_check_refuses_a_wrong_kernel(monkeypatch):
+    def wrong(*args, **kwargs):  # the reference, 5% off
+        o, state = train_tiny.gla_kernel.naive_gla(*args, **kwargs)
+        return o * 1.05, state
+    monkeypatch.setattr(train_tiny.gla_kernel, "chunk_gla", wrong)
+    with pytest.raises(SystemExit, match="refusing to train"):
+        train_tiny.check_gla_kernel(torch.device("cpu"), (torch.float32,))
+
+
+# --- the ResNet-56 judge ----------------------------------------------------------------------------------
+
+def test_resnet56_matches_pretrained_weights_layout(tmp_path):
+    net = train_tiny.ResNet56()
+    assert sum(p.numel() for p in net.parameters()) == 853_018  # He et al.: ResNet-56 has 0.85M parameters
+    path = tmp_path / "r56.th"  # the pretrained file's layout: {'state_dict': {'module.' + name: tensor}}
+    torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()
+                               if "num_batches_tracked" not in k}, "best_prec1": 0.0}, path)
+    judge = train_tiny.load_classifier(str(path), torch.device("cpu"))
+    assert judge(torch.rand(2, 3, 32, 32)).shape == (2, 10)
