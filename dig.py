@@ -334,7 +334,7 @@ class DiffusionTransformer(nn.Module):
         Returns [N, out_channels, input_size, input_size]: the predicted noise (and variance values)."""
         self._check_inputs(x, t, y)
         x = self.x_embedder(x).flatten(2).transpose(1, 2)   # [N, D, E, E] -> [N, T, D], tokens in raster order
-        x = x.contiguous() + self.pos_embed                  # contiguous, so the residual stream is [N, T, D]
+        x = x.contiguous() + self.pos_embed                  # row-major: the transpose left [N, D, T] in memory
         c = self.t_embedder(t) + self.y_embedder(y)          # [N, D]
         x = self.run_blocks(x, c)                            # [N, T, D]
         x = self.final_layer(x, c)                           # [N, T, p*p*out_channels]
@@ -419,6 +419,8 @@ class SoftmaxAttention(nn.Module):
         if self.attention == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v)                                  # [N, H, T, d]
         else:
+            # Under CUDA autocast the softmax runs in fp32: [N, H, T, T] fp32 weights plus a bf16 copy for the
+            # product, the quadratic memory that FlashAttention never stores.
             weights = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)           # [N, H, T, T]
             o = weights @ v                                                              # [N, H, T, d]
         return self.proj(o.transpose(1, 2).reshape(N, T, D))                           # [N, T, D]
@@ -472,7 +474,8 @@ DiT_models = _configs(DiT)
 # 7. Gaussian diffusion (DiT / IDDPM)
 #
 # Forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, with abar_t = prod_{s<=t} (1 - beta_s).
-# The network predicts eps and, per pixel, a value v in [-1, 1] that places the variance of the reverse step
+# The network predicts eps and, per pixel, a value v (nominally in [-1, 1], not clamped) that places the
+# variance of the reverse step
 # between the two natural choices, beta_t and the true posterior variance ("learned range", in log space).
 # Loss = MSE(eps) + the variational bound term, which trains only the variance: it sees the predicted mean
 # through a stop-gradient ("hybrid" loss). The schedule arrays are float64 numpy, as in IDDPM; values are
@@ -628,8 +631,11 @@ class GaussianDiffusion:
             # prediction is driven by the MSE alone (IDDPM's hybrid loss).
             frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)
             vb = self._vb_terms_bpd(frozen, x_start, x_t, t)
+        elif out.shape[1] == C:
+            vb = torch.zeros_like(mse)          # fixed variance: nothing for the bound to train
         else:
-            vb = torch.zeros_like(mse)
+            raise ValueError(f"the model output has {out.shape[1]} channels; expected {C} (eps) or {2 * C} "
+                             f"(eps and variance values)")
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     # -- sampling loops --
@@ -668,7 +674,8 @@ class GaussianDiffusion:
         if noise is not None:
             return noise
         if device is None:
-            device = next(model.parameters()).device if isinstance(model, nn.Module) else "cpu"
+            module = getattr(model, "__self__", model)          # a bound method such as model.forward_with_cfg
+            device = next(module.parameters()).device if isinstance(module, nn.Module) else "cpu"
         return torch.randn(*shape, generator=generator, device=device)
 
     def _steps(self, progress):
@@ -741,6 +748,9 @@ def sample(model, labels, steps=250, cfg_scale=1.0, sampler="ddpm", noise=None, 
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f'sampler must be "ddpm" or "ddim"; got {sampler!r}')
+    if not 2 <= steps <= 1000:
+        raise ValueError(f"steps must be between 2 and 1000 (the respaced process needs a step before the last); "
+                         f"got {steps}")
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, device=device)
     n = labels.shape[0]
@@ -772,7 +782,8 @@ def sample(model, labels, steps=250, cfg_scale=1.0, sampler="ddpm", noise=None, 
 #
 # One AdamW training step (bf16 autocast, diffusion loss on random latents, backward, optimizer step) of DiG vs
 # DiT with SDPA vs DiT with materialised attention, side by side. Latents are 4 x px/8 x px/8 (a Stable
-# Diffusion VAE); S/2 runs with a constant 16384 tokens per step, XL/2 with batch 4 at 1024 px and 1 at 2048.
+# Diffusion VAE); S/2 runs with 16384 tokens per step (12544 at 1792 px, batch 1), XL/2 with batch 4 at 1024 px
+# and 1 at 2048.
 
 BENCH_CONFIGS = ([("S/2", px, max(1, 16384 // (px // 16) ** 2)) for px in (256, 512, 1024, 1792, 2048)]
                  + [("XL/2", 1024, 4), ("XL/2", 2048, 1)])
@@ -814,6 +825,10 @@ def make_train_step(model, batch, device, cuda_graph=False):
         for _ in range(3):
             step()
     torch.cuda.current_stream().wait_stream(side)
+    # The capture allocates from a private pool; hand the warm-up's cached blocks back first, or the capture
+    # needs about twice the memory of one step.
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):    # gradients are None here, so the graph's backward writes them afresh
         forward_backward_update()
@@ -879,7 +894,7 @@ def bench(configs=BENCH_CONFIGS, models=BENCH_MODELS, cuda_graph=False):
     header = f"{'model':>5} {'px':>5} {'batch':>5}"
     for name in models:
         header += f" | {name + ' ms':>12} {'img/s':>7} {'GiB':>5}"
-    print(header + " | DiG vs DiT-SDPA")
+    print(header + " | DiT-SDPA ms / DiG ms")
     for size, px, batch, results in rows:
         line = f"{size:>5} {px:5d} {batch:5d}"
         for name in models:
@@ -889,7 +904,7 @@ def bench(configs=BENCH_CONFIGS, models=BENCH_MODELS, cuda_graph=False):
                 ms, gib = results[name]
                 line += f" | {ms:12.1f} {1000 * batch / ms:7.1f} {gib:5.1f}"
         dig_result, sdpa_result = results.get("DiG"), results.get("DiT-SDPA")
-        speedup = f"{sdpa_result[0] / dig_result[0]:.2f}x faster" if dig_result and sdpa_result else "-"
+        speedup = f"{sdpa_result[0] / dig_result[0]:.2f}x" if dig_result and sdpa_result else "-"
         print(line + f" | {speedup}")
 
 
