@@ -752,9 +752,18 @@ def test_smoke_run_writes_checkpoint_samples_and_log(smoke_run):
 
 def test_time_budget_stops_the_run(cifar_dir, tmp_path):
     out = str(tmp_path / "timed")
-    result = train_tiny.main(TINY + ["--data-dir", cifar_dir, "--out", out, "--minutes", "0"])
+    result = train_tiny.main(TINY + ["--data-dir", cifar_dir, "--out", out, "--minutes", "1e-6"])
     assert result["step"] == 1  # out of time after the first step; checkpoint and samples still written
     assert os.path.exists(os.path.join(out, "ckpt.pt")) and os.path.exists(os.path.join(out, "samples_0000001.png"))
+    # Resuming a run whose time is spent trains nothing more (e.g. to add --classifier afterwards).
+    assert train_tiny.main(["--resume", out, "--device", "cpu"])["step"] == 1
+
+
+def test_new_run_refuses_to_overwrite_an_old_one(cifar_dir, tmp_path):
+    out = str(tmp_path / "run")
+    train_tiny.main(TINY + ["--data-dir", cifar_dir, "--out", out, "--steps", "1"])
+    with pytest.raises(SystemExit, match="already holds a run"):
+        train_tiny.main(TINY + ["--data-dir", cifar_dir, "--out", out, "--steps", "1"])
 
 
 @needs_gpu
@@ -832,6 +841,25 @@ def test_latents_run(tmp_path):
     assert Image.open(os.path.join(out, "samples_0000003.png")).size == (10 * 34 + 2, 5 * 34 + 2)
 
 
+@pytest.mark.parametrize("labels,latents,message", [
+    ([0, -1], [[0.0], [1.0]], "labels >= 0"),
+    ([0, 1], [[0.0], [float("nan")]], "finite"),
+    ([], [], "at least one example"),
+])
+def test_bad_latents_rejected(tmp_path, labels, latents, message):
+    path = str(tmp_path / "bad.npz")
+    x = np.asarray(latents, dtype=np.float32).reshape(-1, 1, 1, 1) * np.ones((1, 4, 8, 8), np.float32)
+    np.savez(path, latents=x, labels=np.asarray(labels, dtype=np.int64))
+    with pytest.raises(SystemExit, match=message):
+        train_tiny.load_latents(path)
+
+
+def test_bad_settings_rejected(cifar_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--log-every must be at least 1"):
+        train_tiny.main(TINY + ["--data-dir", cifar_dir, "--out", str(tmp_path / "a"), "--steps", "1",
+                                "--log-every", "0"])
+
+
 def test_torchrun_two_processes_gloo(cifar_dir, tmp_path):
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -845,8 +873,8 @@ def test_torchrun_two_processes_gloo(cifar_dir, tmp_path):
 # --- the kernel check -------------------------------------------------------------------------------------
 
 def test_gla_kernel_check_passes():  # on a CPU: fp32 in Triton's interpreter (it has no bf16)
-    dtypes = (torch.float32, torch.bfloat16) if GPU else (torch.float32,)
-    assert train_tiny.check_gla_kernel(torch.device("cuda" if GPU else "cpu"), dtypes) < 1e-2
+    tolerances = {torch.float32: 2e-3, torch.bfloat16: 1e-2} if GPU else {torch.float32: 2e-3}
+    assert train_tiny.check_gla_kernel(torch.device("cuda" if GPU else "cpu"), tolerances) < 1e-2
 
 
 def test_gla_kernel_check_refuses_a_wrong_kernel(monkeypatch):
@@ -855,7 +883,7 @@ def test_gla_kernel_check_refuses_a_wrong_kernel(monkeypatch):
         return o * 1.05, state
     monkeypatch.setattr(train_tiny.gla_kernel, "chunk_gla", wrong)
     with pytest.raises(SystemExit, match="refusing to train"):
-        train_tiny.check_gla_kernel(torch.device("cpu"), (torch.float32,))
+        train_tiny.check_gla_kernel(torch.device("cpu"), {torch.float32: 2e-3})
 
 
 # --- the ResNet-56 judge ----------------------------------------------------------------------------------

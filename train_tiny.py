@@ -61,9 +61,10 @@ import gla_kernel
 # -----------------------------------------------------------------------------------------------------------
 # Settings that depend on the device. Each is a command-line flag; these are only the defaults.
 #
-# GPU: a run that gives recognisable class-conditional CIFAR-10 samples in about 20 minutes on one H100.
-# The official DiT recipe (AdamW lr 1e-4, constant; EMA 0.9999; no warm-up; no guidance) is made for 400K
-# steps; in the ten to twenty thousand steps of a short run it leaves blurry blobs. What changes, and why:
+# GPU: a run that gives recognisable class-conditional CIFAR-10 samples in 15 minutes on one H100 (7,244 steps
+# there; the README has the samples). The official DiT recipe (AdamW lr 1e-4, constant; EMA 0.9999; no warm-up;
+# no guidance) is made for 400K steps; in the few thousand steps of a short run it leaves blurry blobs (with
+# lr 2e-4 and EMA 0.999, a classifier found the requested class in 16% of samples). What changes, and why:
 #   * lr 6e-4 after a 1000-step linear warm-up: a small model on 256 tokens takes a much larger step than
 #     DiT-XL does, and the warm-up lets the adaLN modulations grow from their zero initialisation before the
 #     steps get large; the gradient norm is clipped at 1 as a second guard against early spikes.
@@ -123,11 +124,11 @@ def parse_args(argv=None):
     p.add_argument("--classifier", help="CIFAR-10 ResNet-56 weights: report how often final samples are "
                                         "classified as the class they were asked for")
     p.add_argument("--eval-per-class", type=int, default=100, help="samples per class for --classifier")
-    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when there is a GPU")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: the resumed run's device, else cuda when there is a GPU")
     args, ckpt = p.parse_args(argv), None
     if args.resume:
         path, ckpt = load_checkpoint(args.resume)
-        saved = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "device")}
+        saved = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "out")}
         p.set_defaults(**saved)
         args = p.parse_args(argv)
         network = ("model", "depth", "hidden_size", "num_heads")
@@ -136,6 +137,9 @@ def parse_args(argv=None):
                              f"{[saved[k] for k in network[1:]]}; --resume continues that network")
         args.out = args.out or os.path.dirname(path)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA GPU here" + (" (the run being resumed ran on one); pass --device cpu "
+                                                       "to continue it on the CPU" if ckpt else ""))
     return args, ckpt
 
 
@@ -145,11 +149,19 @@ def fill_defaults(args, world):
         defaults.update(depth=None, hidden_size=None, num_heads=None)
     if args.steps is not None or args.minutes is not None:  # a budget given replaces the default budget
         defaults.update(steps=None, minutes=None)
+    if args.batch_size is None:  # the default batch, rounded down to a multiple of the number of processes
+        defaults["batch_size"] -= defaults["batch_size"] % world
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.steps is None and args.minutes is None:
         raise SystemExit("error: give --steps or --minutes (or both)")
+    for k in ("batch_size", "log_every", "sample_steps"):
+        if getattr(args, k) < 1:
+            raise SystemExit(f"error: --{k.replace('_', '-')} must be at least 1; got {getattr(args, k)}")
+    for k in ("steps", "minutes", "warmup", "sample_every", "ckpt_every"):
+        if getattr(args, k) is not None and getattr(args, k) < 0:
+            raise SystemExit(f"error: --{k.replace('_', '-')} must not be negative; got {getattr(args, k)}")
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} must divide evenly across {world} processes")
     args.out = args.out or os.path.join("runs", args.model.replace("/", "-"))
@@ -167,7 +179,8 @@ def cifar_batch_files(data_dir):
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     if not os.path.isdir(folder):
         return []
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("data_batch_"))
+    names = [f"data_batch_{i}" for i in range(1, 6)]       # the official names, nothing else (no .bak)
+    return [os.path.join(folder, f) for f in names if os.path.isfile(os.path.join(folder, f))]
 
 
 def download_cifar10(data_dir):
@@ -186,7 +199,11 @@ def download_cifar10(data_dir):
                 f"resulting cifar-10-batches-py/ folder under DATA_DIR (here {os.path.abspath(data_dir)}), "
                 f"or point --data-dir at the folder that holds it.")
         os.replace(archive + ".part", archive)
-    md5 = hashlib.md5(open(archive, "rb").read()).hexdigest()
+    digest = hashlib.md5()
+    with open(archive, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    md5 = digest.hexdigest()
     if md5 != CIFAR_MD5:
         os.remove(archive)  # so that the next run downloads it afresh
         raise SystemExit(f"error: {archive} has MD5 {md5}, expected {CIFAR_MD5}: the download is corrupt "
@@ -195,11 +212,25 @@ def download_cifar10(data_dir):
         tar.extractall(data_dir, filter="data")
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """The official batches are pickles: a dict of bytes, lists and a numpy array. Unpickling runs whatever a
+    file names, so only what such a dict needs is let through: numpy's array constructors, and the bytes
+    encoder that protocol-2 pickles written by Python 3 use."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR-10 batch; refusing to load it")
+        return super().find_class(module, name)
+
+
 def read_cifar_batch(path):
     """One official batch file: a pickled dict with b'data' (uint8 [N, 3072], RGB planes) and b'labels'."""
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")  # the official format is a pickle; only open files you trust
+            d = CifarUnpickler(f, encoding="bytes").load()
         x = np.asarray(d[b"data"], dtype=np.uint8)
         y = np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:
@@ -237,6 +268,10 @@ def load_latents(path):
     if x.ndim != 4 or x.shape[2] != x.shape[3] or y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
         raise SystemExit(f"error: latents file {path} has latents {x.shape} and labels {y.shape} {y.dtype}; "
                          f"expected square latents [N, C, H, H] and integer labels [N].")
+    if len(y) == 0 or y.min() < 0 or not np.isfinite(x).all():
+        raise SystemExit(f"error: latents file {path} must hold at least one example, labels >= 0 and finite "
+                         f"latents; got {len(y)} examples"
+                         + (f", labels from {y.min()} to {y.max()}, finite: {bool(np.isfinite(x).all())}" if len(y) else ""))
     return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
 
 
@@ -285,7 +320,10 @@ def learning_rate(step, args):
 # atomic), so a crash mid-write leaves the previous checkpoint intact. They hold only tensors, dicts, lists,
 # numbers and strings, so torch.load(..., weights_only=True) reads them. No RNG states are needed: every
 # random number of step s (data order, flips, timesteps, noise, label dropout) comes from generators seeded
-# by (seed, s, rank), so the step number is the whole of the "where were we" state.
+# by (seed, s, rank), so the step number is the whole of the "where were we" state. On a CPU a resumed run
+# matches an uninterrupted one bit for bit (a test checks it); GPU kernels are not bitwise deterministic, so
+# there it matches up to rounding. The one thing not carried over is the running loss of a log interval that a
+# checkpoint cuts in two: the first log row after resuming averages only the steps since the checkpoint.
 
 def save_checkpoint(path, model, ema, opt, step, elapsed, args):
     state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
@@ -465,12 +503,12 @@ def classifier_accuracy(ema, classifier, args, device, chunk=500):
 # -----------------------------------------------------------------------------------------------------------
 # Before GPU time goes into the Triton kernel, it must agree with the reference recurrence.
 
-def check_gla_kernel(device, dtypes=(torch.float32, torch.bfloat16), tol=1e-2):
+def check_gla_kernel(device, tolerances={torch.float32: 2e-3, torch.bfloat16: 1e-2}):
     """Outputs and gradients of chunk_gla vs naive_gla on a small input; returns the worst relative error."""
     torch.manual_seed(0)
     worst = 0.0
     B, T, H, K, V = 2, 200, 2, 32, 64  # 200: several chunks and a partial one
-    for dtype in dtypes:
+    for dtype, tol in tolerances.items():   # fp32: the reference's matmuls run in TF32 on a GPU
         q, k = (torch.randn(B, T, H, K, device=device) for _ in range(2))
         v = torch.randn(B, T, H, V, device=device)
         g = F.logsigmoid(torch.randn(B, T, H, K, device=device)) / 16
@@ -621,8 +659,11 @@ def train(args, ckpt, rank, world, device):
     ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     diffusion = dig.create_diffusion(timestep_respacing="")
 
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if ckpt is None and os.path.exists(ckpt_path):   # never start over on top of another run's work
+        raise SystemExit(f"error: {args.out} already holds a run ({ckpt_path}); continue it with --resume "
+                         f"{args.out}, or give another --out")
+    os.makedirs(args.out, exist_ok=True)
     progress = Progress(os.path.join(args.out, "log.csv"), args.batch_size, step, enabled=master)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"{args.model} ({len(model.blocks)} blocks, {n_params / 1e6:.2f}M parameters) | {n} "
@@ -646,7 +687,8 @@ def train(args, ckpt, rank, world, device):
             save_grid(generate(ema, sample_labels, args, device, seed=args.seed),
                       os.path.join(args.out, f"samples_{step:07d}.png"), ncol=10, latent=latent)
 
-    while args.steps is None or step < args.steps:
+    # budget comes from the checkpoint, so every process agrees on it.
+    while (args.steps is None or step < args.steps) and budget > 0:
         # Every random number of this step (flips, t, noise, label dropout) comes from (seed, step, rank), and
         # the batch from (seed, step): resuming needs nothing but the step.
         torch.manual_seed(args.seed * 1_000_003 + step * world + rank)
@@ -660,9 +702,10 @@ def train(args, ckpt, rank, world, device):
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         loss, grad_norm, time_up = agree(loss, grad_norm, time.time() - t_start > budget, world)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # stop before the update spoils the weights
+            last = (f"The last good checkpoint is {ckpt_path} (step {last_ckpt_step}); no checkpoint was "
+                    f"written after it." if os.path.exists(ckpt_path) else "No checkpoint was written yet.")
             raise SystemExit(f"error: loss {loss} (gradient norm {grad_norm}) at step {step + 1}: stopping. "
-                             f"The last good checkpoint is {ckpt_path} (step {last_ckpt_step}); nothing was "
-                             f"written after it. Try a lower --lr, or --resume {args.out} with another --seed.")
+                             f"{last} Try a lower --lr, or --resume {args.out} with another --seed.")
         lr = learning_rate(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
