@@ -298,8 +298,12 @@ def build_model(args, input_size, in_channels, num_classes):
         raise SystemExit(f"error: unknown model {args.model!r}; choose one of "
                          f"{sorted(dig.DiG_models) + sorted(dig.DiT_models)}")
     size = {k: getattr(args, k) for k in ("depth", "hidden_size", "num_heads") if getattr(args, k) is not None}
-    return make(input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=True,
-                class_dropout_prob=0.1, **size)
+    try:
+        return make(input_size=input_size, in_channels=in_channels, num_classes=num_classes, learn_sigma=True,
+                    class_dropout_prob=0.1, **size)
+    except ValueError as e:   # e.g. a patch that does not divide the image, or heads that do not divide the width
+        raise SystemExit(f"error: cannot build {args.model} for {in_channels}x{input_size}x{input_size} inputs "
+                         f"with {size or 'its own size'}: {e}")
 
 
 @torch.no_grad()
@@ -456,11 +460,13 @@ class ResNet56(nn.Module):
 
 def load_classifier(path, device):
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd)   # the published file wraps the weights; a bare state_dict works too
         net = ResNet56()
         missing, unexpected = net.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()},
                                                   strict=False)  # the file has no BatchNorm step counters
-        assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
+        if unexpected or not all(k.endswith("num_batches_tracked") for k in missing):
+            raise ValueError(f"not a CIFAR-10 ResNet-56: missing {missing[:4]}, unexpected {unexpected[:4]}")
     except Exception as e:
         raise SystemExit(f"error: cannot load the ResNet-56 classifier from {path}: {type(e).__name__}: {e}")
     return net.to(device).eval()
