@@ -17,10 +17,10 @@ G the cumulative sum of g inside a chunk (G_last its last row), a chunk needs on
 The trap is exp(-G): with strongly negative gates (g = -5 over 64 tokens is e^320) it overflows float32.
 So the kernels only ever form exp(G) and exp(G_last - G), which are <= 1, and handle the causal part inside
 a chunk in sub-chunks of 16 tokens, carrying the state from one to the next. Inside a sub-chunk
-exp(G_i - G_j) = exp(G_i) * exp(-G_j) is safe while the sub-chunk's summed gate stays above -60 (always, for
-DiG's gates in practice: it takes gate logits below -60), which makes its causal weights one small matrix
-product; below that the weights are formed
-element-wise, as a [16, 16, K] tile whose exponents G_i - G_j (i >= j) are never positive.
+exp(G_i - G_j) = exp(G_i) * exp(-G_j) is safe while the sub-chunk's summed gate stays above -60 (with DiG's
+gates in practice always: it takes gate logits below -60), which makes its causal weights one small matrix
+product; below that the weights are formed element-wise, as a [16, 16, K] tile whose exponents G_i - G_j
+(i >= j) are never positive.
 
 The Triton version runs in three launches, forward and backward alike:
   1. every chunk in parallel: what it adds to the state (forward) or to the state's gradient (backward);
