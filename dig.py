@@ -9,14 +9,14 @@ order, so DiG changes that order from block to block (row-major, reversed, colum
 
 Read top to bottom:
   1. conditioning and embeddings (shared with DiT)
-  2. the DiG block: adaLN-Zero, GLA token mixer, SwiGLU MLP, depthwise convolution
-  3. the scan order
+  2. the parts of a DiG block: adaLN-Zero, GLA token mixer, SwiGLU MLP, depthwise convolution
+  3. the scan order, and the DiG block that puts the parts together
   4. the model: the trunk DiG and DiT share, the final layer, DiG
   5. the DiT baseline (softmax attention) of the same size, for side-by-side comparisons
   6. named configurations: DiG-S/2 ... DiG-XL/8, DiT-S/2 ... DiT-XL/8
   7. Gaussian diffusion as in DiT / IDDPM: schedule, hybrid loss, timestep respacing
   8. sampling: ancestral DDPM, DDIM, classifier-free guidance
-  9. benchmark and profiler (python dig.py --bench, python dig.py --profile 2048)
+  9. speed: compile_blocks, the benchmark and the profiler (python dig.py --bench, --profile 2048)
 
 The GLA recurrence itself lives in gla_kernel.py (a Triton kernel on a GPU, a PyTorch chunked path on a CPU).
 
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import gla_kernel
 
@@ -127,10 +128,10 @@ def _xavier(*layers, gain=1.0):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 2. The DiG block
+# 2. The parts of a DiG block
 #
 # DiT's adaLN-Zero block with two parts swapped (GLA for softmax attention, SwiGLU for the GELU MLP) and a 3x3
-# depthwise convolution over the token grid after it.
+# depthwise convolution over the token grid after it. Section 3 puts them together.
 
 
 class AdaLNZeroBlock(nn.Module):
@@ -178,35 +179,39 @@ class GatedLinearAttention(nn.Module):
         self.head_k, self.head_v = key_dim // num_heads, value_dim // num_heads
         self.scale = self.head_k ** -0.5
         self.gate_normalizer = gate_normalizer
-        self.q = nn.Linear(dim, key_dim, bias=False)
-        self.k = nn.Linear(dim, key_dim, bias=False)
-        self.v = nn.Linear(dim, value_dim, bias=False)
-        self.out_gate = nn.Linear(dim, value_dim, bias=False)
-        # The forget gate comes through a rank-16 bottleneck: a few parameters buy a per-token, per-channel decay.
-        self.forget_gate = nn.Sequential(nn.Linear(dim, gate_rank, bias=False), nn.Linear(gate_rank, key_dim))
+        # One matmul makes all five inputs of the mixer from x: queries, keys, values, the output gate, and the
+        # first half of the forget gate's rank-16 bottleneck (a few parameters buy a per-token, per-channel
+        # decay). One wide matmul reads x once, where five would each read it and, under autocast, each store
+        # their own bf16 copy of it for the backward.
+        self.split_sizes = (key_dim, key_dim, value_dim, value_dim, gate_rank)
+        self.in_proj = nn.Linear(dim, sum(self.split_sizes), bias=False)
+        self.forget_gate = nn.Linear(gate_rank, key_dim)          # the bottleneck's second half
         self.norm_weight = nn.Parameter(torch.ones(self.head_v))   # per-head RMSNorm of the output
         self.proj = nn.Linear(value_dim, dim, bias=False)
-        # As in the official DiG code (flash-linear-attention's GLA layer): Xavier with gain 2**-2.5, smaller
-        # than DiT's, which keeps the un-normalised sums of the linear-attention state small early in training.
-        _xavier(self.q, self.k, self.v, self.out_gate, *self.forget_gate, self.proj, gain=2 ** -2.5)
+        # As in the official DiG code (flash-linear-attention's GLA layer), each projection is Xavier with gain
+        # 2**-2.5, smaller than DiT's, which keeps the un-normalised sums of the state small early in training.
+        # in_proj is initialised part by part, exactly as the five separate layers would be.
+        for part in self.in_proj.weight.split(self.split_sizes, dim=0):
+            nn.init.xavier_uniform_(part, gain=2 ** -2.5)
+        _xavier(self.forget_gate, self.proj, gain=2 ** -2.5)
 
     def forward(self, x):
         N, T, _ = x.shape
-        H = self.num_heads
-        # Linear outputs are [N, T, H*K] in memory, which is already the kernel's [B, T, H, K] layout: no copies.
-        q = self.q(x).view(N, T, H, self.head_k)                                # [N, T, H, K]
-        k = self.k(x).view(N, T, H, self.head_k)                                # [N, T, H, K]
-        v = self.v(x).view(N, T, H, self.head_v)                                # [N, T, H, V]
+        H, K, V = self.num_heads, self.head_k, self.head_v
+        q, k, v, out_gate, gate_low_rank = self.in_proj(x).split(self.split_sizes, dim=-1)
+        # q, k, v stay views into the projection output, [N, T, H, K] with rows 3D+16 apart: the kernel reads
+        # rows of any stride, so nothing is copied.
+        q, k, v = q.view(N, T, H, K), k.view(N, T, H, K), v.view(N, T, H, V)
         # Log forget gate in (-inf, 0]. Dividing logsigmoid by 16 pulls the per-token decay exp(g) close to 1
         # (0.96 at a zero logit), so the state remembers over tens of tokens rather than a few.
-        g = F.logsigmoid(self.forget_gate(x)) / self.gate_normalizer
-        g = g.to(q.dtype).view(N, T, H, self.head_k)                            # [N, T, H, K]
+        g = F.logsigmoid(self.forget_gate(gate_low_rank)) / self.gate_normalizer
+        g = g.to(q.dtype).view(N, T, H, K)                                      # [N, T, H, K]
         # The gates are <= 0 by construction, so the kernel's check (a device sync) is switched off.
         gla = gla_kernel.chunk_gla if q.is_cuda else gla_kernel.chunk_gla_torch
         o, _ = gla(q, k, v, g, scale=self.scale, check_gate=False)             # [N, T, H, V]
         # Normalise each head (the state's sums have no fixed scale), then gate it with swish(x W_gate).
-        o = F.rms_norm(o, (self.head_v,), self.norm_weight.to(o.dtype), eps=1e-6)
-        o = o * F.silu(self.out_gate(x).view(N, T, H, self.head_v))
+        o = F.rms_norm(o, (V,), self.norm_weight.to(o.dtype), eps=1e-6)
+        o = o * F.silu(out_gate.view(N, T, H, V))
         return self.proj(o.flatten(2))                                          # [N, T, H*V] -> [N, T, D]
 
 
@@ -248,19 +253,8 @@ class DepthwiseConv(nn.Module):
         return out.to(x.dtype)   # under autocast the conv runs in bf16; keep the residual stream's dtype
 
 
-class DiGBlock(AdaLNZeroBlock):
-    """adaLN-Zero(GLA) and adaLN-Zero(SwiGLU), then the depthwise convolution over the token grid."""
-
-    def __init__(self, dim, num_heads, side):
-        super().__init__(dim, GatedLinearAttention(dim, num_heads), SwiGLU(dim))
-        self.dwconv = DepthwiseConv(dim, side)
-
-    def forward(self, x, c):
-        return self.dwconv(super().forward(x, c))               # [N, T, D]
-
-
 # -----------------------------------------------------------------------------------------------------------
-# 3. The scan order ("spatial reorient")
+# 3. The scan order ("spatial reorient") and the DiG block
 #
 # A GLA block reads its tokens in one direction, so token t knows nothing about tokens after it. DiG changes the
 # order between blocks: after every block it reverses the sequence, and after every odd block it also
@@ -270,12 +264,53 @@ class DiGBlock(AdaLNZeroBlock):
 # and after a multiple of 4 blocks the tokens are back in raster order for the final layer.
 
 
-def reorient(x, i, side):
-    """Tokens in block i's order -> tokens in block i+1's order. x: [N, T, D] with T = side * side."""
+def reorient(x, transpose, side):
+    """Reverse the token order, and with transpose=True also swap rows and columns of the side x side grid.
+    x: [N, T, D] with T = side * side. After block i, DiG calls it with transpose = (i is odd)."""
     x = x.flip(1)                                                         # reverse the scan
-    if i % 2 == 1:
+    if transpose:
         x = x.unflatten(1, (side, side)).transpose(1, 2).flatten(1, 2)   # rows <-> columns
     return x
+
+
+def _keep_matmul_inputs_and_outputs(ctx, op, *args, **kwargs):
+    # What a compiled DiG block keeps for its backward (see DiGBlock.forward). Outputs of matmuls and of GLA
+    # cost matmul work to recompute. Casts to bf16 (autocast's) are what the matmuls and the conv read:
+    # normalised-and-modulated activations made from the float32 residual stream, and bf16 weight copies;
+    # recomputing them means another pass over the float32 stream, which measured slower than storing them
+    # in half the bytes. Everything else is element-wise on bf16 values and is recomputed.
+    keep = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.dig.gla_forward.default,
+                  torch.ops.aten._to_copy.default)
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class DiGBlock(AdaLNZeroBlock):
+    """adaLN-Zero(GLA) and adaLN-Zero(SwiGLU), then the depthwise convolution over the token grid; the block
+    hands its output over in the next block's scan order (block `index` reads in order index % 4)."""
+
+    def __init__(self, dim, num_heads, side, index):
+        super().__init__(dim, GatedLinearAttention(dim, num_heads), SwiGLU(dim))
+        self.dwconv = DepthwiseConv(dim, side)
+        self.side = side
+        # A bool, not the index: a compiled block is specialised on it, and two variants serve every depth.
+        self.transpose_after = index % 2 == 1
+
+    def forward(self, x, c):
+        # Memory: by default autograd keeps every intermediate the backward reads, and a DiG block has many
+        # (the gates, SwiGLU's product, the normalised GLA output times its swish gate, ...). When the block is
+        # compiled (compile_blocks), it keeps only x, c, the inputs and outputs of its matmuls and GLA's
+        # outputs (_keep_matmul_inputs_and_outputs), and its backward recomputes the rest inside kernels it
+        # runs anyway. On an H100 (DiG-XL/2, 2048 px) that took peak memory from 31.5 to 27.4 GiB for 1.4%
+        # more time. Uncompiled, the recomputation would be a second run of each element-wise op, so it is
+        # not done there.
+        if torch.compiler.is_compiling() and torch.is_grad_enabled():
+            policy = functools.partial(create_selective_checkpoint_contexts, _keep_matmul_inputs_and_outputs)
+            return checkpoint(self.forward_all, x, c, use_reentrant=False, context_fn=policy)
+        return self.forward_all(x, c)
+
+    def forward_all(self, x, c):
+        x = self.dwconv(super().forward(x, c))                    # [N, T, D], this block's order
+        return reorient(x, self.transpose_after, self.side)       # [N, T, D], the next block's order
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -302,7 +337,7 @@ class FinalLayer(nn.Module):
 class DiffusionTransformer(nn.Module):
     """What DiG and DiT share: patches + position, conditioning c = t_emb + y_emb, blocks, final layer, unpatchify.
 
-    Subclasses build self.blocks and say how to run them (run_blocks). Arguments:
+    Subclasses build self.blocks, each a module (x [N, T, D], c [N, D]) -> [N, T, D]. Arguments:
       input_size: side of the (square) input in pixels or latent cells; patch_size must divide it.
       in_channels: channels of the input (4 for Stable Diffusion latents, 3 for pixels).
       num_classes: class labels 0..num_classes-1; num_classes itself is the null label.
@@ -350,7 +385,9 @@ class DiffusionTransformer(nn.Module):
             raise ValueError(f"t and y must be [N] = [{x.shape[0]}]; got t {tuple(t.shape)}, y {tuple(y.shape)}")
 
     def run_blocks(self, x, c):
-        raise NotImplementedError
+        for block in self.blocks:                # DiG: block i reads the tokens in scan order i % 4, and
+            x = block(x, c)                      # after depth % 4 == 0 blocks they are in raster order again
+        return x
 
     def unpatchify(self, x):
         # [N, T, p*p*C] -> [N, C, E*p, E*p]: token (h, w) holds the p x p patch at rows h*p.., columns w*p..
@@ -383,13 +420,7 @@ class DiG(DiffusionTransformer):
             raise ValueError(f"DiG's scan order has period 4 (row fwd, row rev, column fwd, column rev) and the "
                              f"final layer needs raster order back, so depth must be a multiple of 4; got {depth}")
         super().__init__(hidden_size, patch_size, **kwargs)
-        self.blocks = nn.ModuleList(DiGBlock(hidden_size, num_heads, self.grid_size) for _ in range(depth))
-
-    def run_blocks(self, x, c):
-        for i, block in enumerate(self.blocks):
-            x = block(x, c)                       # block i reads the tokens in scan order i % 4
-            x = reorient(x, i, self.grid_size)
-        return x                                  # depth % 4 == 0: raster order again
+        self.blocks = nn.ModuleList(DiGBlock(hidden_size, num_heads, self.grid_size, i) for i in range(depth))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -446,11 +477,6 @@ class DiT(DiffusionTransformer):
         self.blocks = nn.ModuleList(
             AdaLNZeroBlock(hidden_size, SoftmaxAttention(hidden_size, num_heads, attention), GeluMLP(hidden_size))
             for _ in range(depth))
-
-    def run_blocks(self, x, c):
-        for block in self.blocks:
-            x = block(x, c)
-        return x
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -778,10 +804,11 @@ def sample(model, labels, steps=250, cfg_scale=1.0, sampler="ddpm", noise=None, 
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 9. Benchmark and profiler: python dig.py --bench | python dig.py --profile 2048 [--model DiT-S/2]
+# 9. Speed: compile_blocks, the benchmark (python dig.py --bench [--cuda-graph] [--compile]) and the profiler
+#    (python dig.py --profile 2048 [--model DiT-S/2] [--compile])
 #
-# One AdamW training step (bf16 autocast, diffusion loss on random latents, backward, optimizer step) of DiG vs
-# DiT with SDPA vs DiT with materialised attention, side by side. Latents are 4 x px/8 x px/8 (a Stable
+# The benchmark: one AdamW training step (bf16 autocast, diffusion loss on random latents, backward, optimizer
+# step) of DiG vs DiT with SDPA vs DiT with materialised attention, side by side, all built and run alike. Latents are 4 x px/8 x px/8 (a Stable
 # Diffusion VAE); S/2 runs with 16384 tokens per step (12544 at 1792 px, batch 1), XL/2 with batch 4 at 1024 px
 # and 1 at 2048.
 
@@ -790,6 +817,21 @@ BENCH_CONFIGS = ([("S/2", px, max(1, 16384 // (px // 16) ** 2)) for px in (256, 
 BENCH_MODELS = {"DiG": lambda size: DiG_models[f"DiG-{size}"],
                 "DiT-SDPA": lambda size: functools.partial(DiT_models[f"DiT-{size}"], attention="sdpa"),
                 "DiT-mat": lambda size: functools.partial(DiT_models[f"DiT-{size}"], attention="materialized")}
+
+
+def compile_blocks(model):
+    """torch.compile every block of the model, one by one ("regional" compilation), and return the model.
+
+    Blocks of one class share their code, so this compiles each kind of block once, not once per block (DiG
+    has two kinds: with and without a transpose after it). What it buys is fusion: the normalisations,
+    modulations, gates, activations, residual adds and scan-order permutes around the matmuls and the GLA
+    kernel (an opaque operator to the compiler) become a few generated kernels, forward and backward, and
+    the backward recomputes cheap element-wise results instead of storing them. --profile shows why that
+    matters: uncompiled, most of a DiG step's GPU time is element-wise work, not matmuls or GLA.
+    """
+    for block in model.blocks:
+        block.compile()
+    return model
 
 
 def make_train_step(model, batch, device, cuda_graph=False):
@@ -835,19 +877,26 @@ def make_train_step(model, batch, device, cuda_graph=False):
     return graph.replay
 
 
-def _bench_one(make_model, px, batch, device, cuda_graph=False):
+def _bench_one(make_model, px, batch, device, cuda_graph=False, compile=False):
     """(ms per step, peak GiB) for one model at one resolution."""
+    torch._dynamo.reset()                          # forget the last model's compiled blocks (and its tensors)
+    gc.collect()
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        # Whatever earlier models left allocated is not this model's; peak memory is counted above it.
+        base = torch.cuda.memory_allocated()
     with device:                                   # build the weights directly on the device
         model = make_model(input_size=px // 8).train()
+    if compile:
+        compile_blocks(model)
     step = make_train_step(model, batch, device, cuda_graph)
     step()
     step()                                         # compile Triton kernels, allocate the optimizer state
     if device.type == "cuda":
         import triton.testing
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30    # read before do_bench adds its cache-flush buffer
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30   # before do_bench adds its flush buffer
         ms = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
         return ms, peak
     times = []
@@ -862,11 +911,11 @@ def _is_oom(error):
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def bench(configs=BENCH_CONFIGS, models=BENCH_MODELS, cuda_graph=False):
+def bench(configs=BENCH_CONFIGS, models=BENCH_MODELS, cuda_graph=False, compile=False):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         print("no CUDA GPU: running a tiny CPU smoke test of the benchmark code; the numbers mean nothing")
-        configs, gpu, cuda_graph = [("S/2", 64, 2)], "CPU", False
+        configs, gpu, cuda_graph, compile = [("S/2", 64, 2)], "CPU", False, False
     else:
         gpu = torch.cuda.get_device_name()
     rows = []                                      # (size, px, batch, {model name: (ms, GiB) or None})
@@ -874,7 +923,7 @@ def bench(configs=BENCH_CONFIGS, models=BENCH_MODELS, cuda_graph=False):
         results = {}
         for name, make in models.items():
             try:
-                results[name] = _bench_one(make(size), px, batch, device, cuda_graph)
+                results[name] = _bench_one(make(size), px, batch, device, cuda_graph, compile)
                 ms, gib = results[name]
                 print(f"{name:>9} {size:>4} {px:5d} px batch {batch:3d}: {ms:9.1f} ms {gib:6.1f} GiB", flush=True)
             except RuntimeError as error:          # torch.cuda.OutOfMemoryError is a RuntimeError
@@ -887,7 +936,7 @@ def bench(configs=BENCH_CONFIGS, models=BENCH_MODELS, cuda_graph=False):
                 torch.cuda.empty_cache()
         rows.append((size, px, batch, results))
 
-    mode = "replayed as one CUDA graph" if cuda_graph else "eager"
+    mode = ("blocks compiled, " if compile else "") + ("replayed as one CUDA graph" if cuda_graph else "eager")
     print(f"\nOne AdamW training step ({mode}), bf16 autocast, latents 4 x px/8 x px/8; {gpu}, "
           f"torch {torch.__version__}")
     print("per model: median ms per step, images per second, peak GiB (torch.cuda.max_memory_allocated)\n")
@@ -908,7 +957,7 @@ def bench(configs=BENCH_CONFIGS, models=BENCH_MODELS, cuda_graph=False):
         print(line + f" | {speedup}")
 
 
-def profile(px, name="DiG-S/2", batch=None, trace=None):
+def profile(px, name="DiG-S/2", batch=None, trace=None, compile=False):
     """torch.profiler on one training step; prints the top ops by GPU time (optionally a Chrome trace)."""
     if not torch.cuda.is_available():
         raise SystemExit("--profile needs a CUDA GPU")
@@ -918,6 +967,8 @@ def profile(px, name="DiG-S/2", batch=None, trace=None):
     device = torch.device("cuda")
     with device:
         model = registry[name](input_size=px // 8).train()
+    if compile:
+        compile_blocks(model)
     step = make_train_step(model, batch, device)
     for _ in range(3):
         step()
@@ -926,7 +977,7 @@ def profile(px, name="DiG-S/2", batch=None, trace=None):
     with torch.profiler.profile(activities=activities) as prof:
         step()
         torch.cuda.synchronize()
-    print(f"{name} at {px} px, batch {batch}, {torch.cuda.get_device_name()}")
+    print(f"{name} at {px} px, batch {batch}{', blocks compiled' if compile else ''}, {torch.cuda.get_device_name()}")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30))
     if trace:
         prof.export_chrome_trace(trace)
@@ -941,11 +992,13 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, help="batch for --profile (default: 16384 tokens per step)")
     parser.add_argument("--cuda-graph", action="store_true", help="--bench: capture each training step as a "
                         "CUDA graph and time its replay (no Python launch overhead)")
+    parser.add_argument("--compile", action="store_true", help="--bench, --profile: torch.compile every block "
+                        "(compile_blocks) of every model")
     parser.add_argument("--trace", metavar="PATH", help="also write a Chrome trace of the profiled step")
     args = parser.parse_args()
     if args.bench:
-        bench(cuda_graph=args.cuda_graph)
+        bench(cuda_graph=args.cuda_graph, compile=args.compile)
     elif args.profile:
-        profile(args.profile, args.model, args.batch, args.trace)
+        profile(args.profile, args.model, args.batch, args.trace, args.compile)
     else:
         parser.print_help()

@@ -25,7 +25,8 @@ product; below that the weights are formed element-wise, as a [16, 16, K] tile w
 The Triton version runs in three launches, forward and backward alike:
   1. every chunk in parallel: what it adds to the state (forward) or to the state's gradient (backward);
   2. a scan over the chunks of 64 tokens, the one sequential step (parallel over batch, head and tiles of
-     the state), that turns those into the state (gradient) at every chunk boundary;
+     the state; 16 chunks at a time through a parallel prefix scan), that turns those into the state
+     (gradient) at every chunk boundary;
   3. every chunk in parallel again: given its boundary state, its outputs (forward) or dq, dk, dv and dg
      (backward), walking its four sub-chunks.
 
@@ -34,11 +35,16 @@ over the whole sequence), so dL/dG_t = q_t * dq_t - k_t * dk_t and dg_t is its r
 Inside a chunk we take that sum directly; the part contributed by all later chunks collapses to
 sum_v(S_end * dS_end), the state at the chunk's end times the gradient flowing into it from later chunks.
 
-Sections: 1. reference and PyTorch chunked path  2. Triton kernels  3. autograd wrapper  4. benchmark.
+q, k and v may be head views of one wider tensor (DiG slices them out of one projection output): the
+kernels take each tensor's row stride and read them in place.
+
+Sections: 1. reference and PyTorch chunked path  2. Triton kernels  3. PyTorch operator (forward, backward,
+autograd, checks)  4. benchmark.
 """
 
 import math
 import os
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -134,22 +140,35 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
 #
 # CHUNK = 64 tokens between stored states; SUB = 16 tokens per step inside a chunk (16 is the smallest tile
 # tl.dot accepts, and it keeps the element-wise [16, 16, K] decay tile small enough for registers).
-# Token t of batch b, head h, feature d lives at ((b * T + t) * H + h) * D + d.
+# Token t of batch b, head h, feature d lives at (b * T + t) * row_stride + h * D + d. A contiguous
+# [B, T, H, D] tensor has row_stride = H * D; a slice of a wider [B, T, W] projection output has W, so q, k
+# and v can be read straight out of one fused input projection without copies.
 
 CHUNK, SUB = 64, 16
 
 
 @triton.jit
-def _load_tile(ptr, b, h, t, cols, T, H: tl.constexpr, D: tl.constexpr):
-    """Rows t (token indices) and columns `cols` of one head, as a [len(t), len(cols)] tile; rows past T are 0."""
-    offs = ((b * T + t[:, None]).to(tl.int64) * H + h) * D + cols[None, :]
+def _load_tile(ptr, row_stride, b, h, t, cols, T, D: tl.constexpr):
+    """Rows t (token indices) and columns `cols` of head h, as a [len(t), len(cols)] tile; rows past T are 0."""
+    offs = (b * T + t[:, None]).to(tl.int64) * row_stride + h * D + cols[None, :]
     return tl.load(ptr + offs, mask=(t < T)[:, None], other=0.0)
 
 
 @triton.jit
-def _store_tile(ptr, x, b, h, t, cols, T, H: tl.constexpr, D: tl.constexpr):
-    offs = ((b * T + t[:, None]).to(tl.int64) * H + h) * D + cols[None, :]
+def _store_tile(ptr, x, row_stride, b, h, t, cols, T, D: tl.constexpr):
+    offs = (b * T + t[:, None]).to(tl.int64) * row_stride + h * D + cols[None, :]
     tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=(t < T)[:, None])
+
+
+@triton.jit
+def _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, h, t, T, K: tl.constexpr, V: tl.constexpr):
+    """q, k, g of tokens t as float32 [len(t), K] tiles and v as a [len(t), V] tile in its own dtype."""
+    rk, rv = tl.arange(0, K), tl.arange(0, V)
+    qs = _load_tile(q, sq, b, h, t, rk, T, K).to(tl.float32)
+    ks = _load_tile(k, sk, b, h, t, rk, T, K).to(tl.float32)
+    gs = _load_tile(g, sg, b, h, t, rk, T, K).to(tl.float32)
+    vs = _load_tile(v, sv, b, h, t, rv, T, V)
+    return qs, ks, gs, vs
 
 
 @triton.jit
@@ -168,7 +187,7 @@ FACTOR_LIMIT = 60.0
 
 
 @triton.jit
-def _chunk_update_kernel(x, y, g, out, gate_sum, T, NT, scale, H: tl.constexpr, K: tl.constexpr,
+def _chunk_update_kernel(x, y, g, out, gate_sum, sx, sy, sg, T, NT, scale, H: tl.constexpr, K: tl.constexpr,
                          V: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr):
     """What chunk n adds to the scan, for all chunks in parallel. Grid (NT, B * H).
 
@@ -180,9 +199,9 @@ def _chunk_update_kernel(x, y, g, out, gate_sum, T, NT, scale, H: tl.constexpr, 
     b, hh = i_bh // H, i_bh % H
     rk, rv = tl.arange(0, K), tl.arange(0, V)
     t = n * CHUNK + tl.arange(0, CHUNK)
-    xc = _load_tile(x, b, hh, t, rk, T, H, K)                                  # [CHUNK, K]
-    gc = _load_tile(g, b, hh, t, rk, T, H, K).to(tl.float32)
-    yc = _load_tile(y, b, hh, t, rv, T, H, V)                                  # [CHUNK, V]
+    xc = _load_tile(x, sx, b, hh, t, rk, T, K)                                 # [CHUNK, K]
+    gc = _load_tile(g, sg, b, hh, t, rk, T, K).to(tl.float32)
+    yc = _load_tile(y, sy, b, hh, t, rv, T, V)                                 # [CHUNK, V]
     G = tl.cumsum(gc, axis=0)
     G_last = tl.sum(gc, axis=0)                                                # [K]
     if REVERSE:
@@ -197,35 +216,54 @@ def _chunk_update_kernel(x, y, g, out, gate_sum, T, NT, scale, H: tl.constexpr, 
 
 
 @triton.jit
+def _decay_then_add(a1, u1, a2, u2):
+    """Two scan steps in one: S -> a1 * S + u1 followed by S -> a2 * S + u2 is S -> (a1 a2) S + (a2 u1 + u2)."""
+    return a1 * a2, a2 * u1 + u2
+
+
+@triton.jit
 def _scan_kernel(states, gate_sum, initial, NT, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, HAS_INITIAL: tl.constexpr, REVERSE: tl.constexpr):
+                 BV: tl.constexpr, STEPS: tl.constexpr, HAS_INITIAL: tl.constexpr, REVERSE: tl.constexpr):
     """The one sequential step: S <- exp(G_last of chunk n) * S + U_n, chunk after chunk, on a [BK, BV] tile.
 
     Grid (K / BK, V / BV, B * H). On entry `states` holds the updates U_n; on exit, the value at every chunk
     boundary: forward, the state before chunk n in slot n (slot NT: the final state); backward, the gradient
-    of the state after chunk n in slot n + 1 (slot 0: the initial state's gradient).
+    of the state after chunk n in slot n + 1 (slot 0: the initial state's gradient). Each result overwrites
+    the update it was made from.
+
+    One chunk at a time, every step would wait for its own load from memory. Instead STEPS chunks are loaded
+    at once and combined by a parallel prefix scan (the steps compose associatively, see _decay_then_add),
+    which leaves one memory round trip per STEPS chunks on the sequential path.
     """
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rk, rv = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
-    tile = rk[:, None] * V + rv[None, :]
+    tile = rk[:, None] * V + rv[None, :]                                      # [BK, BV]
     if HAS_INITIAL:
         S = tl.load(initial + i_bh.to(tl.int64) * K * V + tile).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     base = states + i_bh.to(tl.int64) * (NT + 1) * K * V
-    for i in range(NT):
-        if REVERSE:
-            n, read, write = NT - 1 - i, NT - 1 - i, NT - i
-        else:
-            n, read, write = i, i + 1, i
-        U = tl.load(base + read * K * V + tile)
-        tl.store(base + write * K * V + tile, S)
-        S = tl.exp(tl.load(gate_sum + (i_bh.to(tl.int64) * NT + n) * K + rk))[:, None] * S + U
-    tl.store(base + (0 if REVERSE else NT) * K * V + tile, S)
+    tl.store(base + (NT if REVERSE else 0) * K * V + tile, S)
+    p = tl.arange(0, STEPS)
+    for start in range(0, NT, STEPS):
+        valid = start + p < NT
+        n = NT - 1 - (start + p) if REVERSE else start + p                    # [STEPS] chunks, in scan order
+        slot = n if REVERSE else n + 1                                        # where U_n is, and S goes
+        ptrs = base + slot[:, None, None].to(tl.int64) * K * V + tile[None, :, :]
+        U = tl.load(ptrs, mask=valid[:, None, None], other=0.0)              # [STEPS, BK, BV]
+        # Past the end: decay exp(0) = 1 and U = 0, a step that changes nothing.
+        decay = tl.exp(tl.load(gate_sum + (i_bh.to(tl.int64) * NT + n[:, None]) * K + rk[None, :],
+                               mask=valid[:, None], other=0.0))              # [STEPS, BK]
+        decay = tl.broadcast_to(decay[:, :, None], (STEPS, BK, BV))
+        A, B = tl.associative_scan((decay, U), 0, _decay_then_add)           # steps start .. start + s, composed
+        S_all = A * S[None, :, :] + B                                         # [STEPS, BK, BV]: S after each
+        tl.store(ptrs, S_all, mask=valid[:, None, None])
+        S = tl.sum(tl.where((p == STEPS - 1)[:, None, None], S_all, 0.0), axis=0)   # the last one carries on
 
 
 @triton.jit
-def _fwd_output_kernel(q, k, v, g, h, o, T, NT, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _fwd_output_kernel(q, k, v, g, h, o, sq, sk, sv, sg, T, NT, scale, H: tl.constexpr, K: tl.constexpr,
+                       V: tl.constexpr,
                        CHUNK: tl.constexpr, SUB: tl.constexpr, FACTOR_LIMIT: tl.constexpr,
                        PRECISION: tl.constexpr):
     """Outputs of one chunk, given the state before it (h[n]). Grid (NT, B * H), all chunks in parallel.
@@ -240,10 +278,7 @@ def _fwd_output_kernel(q, k, v, g, h, o, T, NT, scale, H: tl.constexpr, K: tl.co
     S = tl.load(h + ((i_bh.to(tl.int64) * (NT + 1) + n) * K + rk[:, None]) * V + rv[None, :])   # [K, V]
     for s in range(CHUNK // SUB):
         t = n * CHUNK + s * SUB + i
-        qs = _load_tile(q, b, hh, t, rk, T, H, K).to(tl.float32)               # [SUB, K]
-        ks = _load_tile(k, b, hh, t, rk, T, H, K).to(tl.float32)
-        gs = _load_tile(g, b, hh, t, rk, T, H, K).to(tl.float32)
-        vs = _load_tile(v, b, hh, t, rv, T, H, V)                              # [SUB, V]
+        qs, ks, gs, vs = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, hh, t, T, K, V)   # [SUB, K] x3, [SUB, V]
         G = tl.cumsum(gs, axis=0)
         G_last = tl.sum(gs, axis=0)
         q_decayed = qs * tl.exp(G) * scale
@@ -253,14 +288,15 @@ def _fwd_output_kernel(q, k, v, g, h, o, T, NT, scale, H: tl.constexpr, K: tl.co
             A = tl.sum(qs[:, None, :] * ks[None, :, :] * _intra_decay(G, SUB), axis=2) * scale
         os = tl.dot(q_decayed.to(vs.dtype), S.to(vs.dtype), input_precision=PRECISION)   # [SUB, V]
         os += tl.dot(A.to(vs.dtype), vs, input_precision=PRECISION)
-        _store_tile(o, os, b, hh, t, rv, T, H, V)
+        _store_tile(o, os, H * V, b, hh, t, rv, T, V)
         k_decayed = (ks * tl.exp(G_last[None, :] - G)).to(vs.dtype)
         S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_decayed), vs, input_precision=PRECISION)
 
 
 @triton.jit
-def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, scale, H: tl.constexpr, K: tl.constexpr,
-                      V: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, FACTOR_LIMIT: tl.constexpr,
+def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, dg_partial, sq, sk, sv, sg, sdo, T, NT, scale,
+                      H: tl.constexpr,
+                      K: tl.constexpr, V: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, FACTOR_LIMIT: tl.constexpr,
                       PRECISION: tl.constexpr):
     """dq, dk, dv, dg of one chunk, given the state before it (h[n]) and the gradient of the state after it
     (dh[n + 1]). Grid (NT, B * H), all chunks in parallel.
@@ -268,8 +304,8 @@ def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, scale, H: tl
     A forward walk over the sub-chunks (carrying the state) gives dq; a backward walk (carrying the state's
     gradient) gives dk and dv. dg_t = sum over tokens t' >= t of (q*dq - k*dk)_t', split as
     [everything after this chunk] + [sum over the chunk of q*dq] - [q*dq before t] - [k*dk from t on].
-    The first term is sum_v(S_end * dS_end); the forward walk leaves -[q*dq before t] in dg for the
-    backward walk to finish.
+    The first term is sum_v(S_end * dS_end); the forward walk leaves -[q*dq before t] in dg_partial (float32
+    scratch) for the backward walk to finish.
     """
     n, i_bh = tl.program_id(0), tl.program_id(1)
     b, hh = i_bh // H, i_bh % H
@@ -281,11 +317,8 @@ def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, scale, H: tl
     qdq_before = tl.zeros([K], dtype=tl.float32)
     for s in range(CHUNK // SUB):
         t = n * CHUNK + s * SUB + i
-        qs = _load_tile(q, b, hh, t, rk, T, H, K).to(tl.float32)
-        ks = _load_tile(k, b, hh, t, rk, T, H, K).to(tl.float32)
-        gs = _load_tile(g, b, hh, t, rk, T, H, K).to(tl.float32)
-        vs = _load_tile(v, b, hh, t, rv, T, H, V)
-        dos = _load_tile(do, b, hh, t, rv, T, H, V)
+        qs, ks, gs, vs = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, hh, t, T, K, V)
+        dos = _load_tile(do, sdo, b, hh, t, rv, T, V)
         G = tl.cumsum(gs, axis=0)
         G_last = tl.sum(gs, axis=0)
         dA = tl.where(causal, tl.dot(dos, tl.trans(vs), input_precision=PRECISION), 0.0)   # do_i . v_j
@@ -295,9 +328,9 @@ def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, scale, H: tl
             dq_intra = tl.sum(dA[:, :, None] * _intra_decay(G, SUB) * ks[None, :, :], axis=1)
         dq_inter = tl.exp(G) * tl.dot(dos, tl.trans(S.to(dos.dtype)), input_precision=PRECISION)
         dqs = scale * (dq_inter + dq_intra)                                    # [SUB, K]
-        _store_tile(dq, dqs, b, hh, t, rk, T, H, K)
+        _store_tile(dq, dqs, H * K, b, hh, t, rk, T, K)
         qdq = qs * dqs
-        _store_tile(dg, -(qdq_before[None, :] + tl.cumsum(qdq, axis=0) - qdq), b, hh, t, rk, T, H, K)
+        _store_tile(dg_partial, -(qdq_before[None, :] + tl.cumsum(qdq, axis=0) - qdq), H * K, b, hh, t, rk, T, K)
         qdq_before += tl.sum(qdq, axis=0)
         k_decayed = (ks * tl.exp(G_last[None, :] - G)).to(vs.dtype)
         S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_decayed), vs, input_precision=PRECISION)
@@ -305,7 +338,7 @@ def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, scale, H: tl
     # S is now the state after the chunk.
     dS = tl.load(dh + ((i_bh.to(tl.int64) * (NT + 1) + n + 1) * K + rk[:, None]) * V + rv[None, :])   # [K, V]
     dg_carry = tl.sum(S * dS, axis=1) + qdq_before
-    tl.debug_barrier()   # the backward walk reads back what other threads of this program wrote to dg
+    tl.debug_barrier()   # the backward walk reads back what other threads of this program wrote to dg_partial
 
     # Backward walk: dk_j = exp(G_last - G_j) * (v_j @ dS^T) + scale * sum_{i>=j} (do_i . v_j) q_i exp(G_i - G_j),
     #                dv_j = (k_j * exp(G_last - G_j)) @ dS + sum_{i>=j} A_ij do_i.
@@ -313,11 +346,8 @@ def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, scale, H: tl
     for s_rev in range(CHUNK // SUB):
         s = CHUNK // SUB - 1 - s_rev
         t = n * CHUNK + s * SUB + i
-        qs = _load_tile(q, b, hh, t, rk, T, H, K).to(tl.float32)
-        ks = _load_tile(k, b, hh, t, rk, T, H, K).to(tl.float32)
-        gs = _load_tile(g, b, hh, t, rk, T, H, K).to(tl.float32)
-        vs = _load_tile(v, b, hh, t, rv, T, H, V)
-        dos = _load_tile(do, b, hh, t, rv, T, H, V)
+        qs, ks, gs, vs = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, hh, t, T, K, V)
+        dos = _load_tile(do, sdo, b, hh, t, rv, T, V)
         G = tl.cumsum(gs, axis=0)
         G_last = tl.sum(gs, axis=0)
         dA = tl.where(causal, tl.dot(dos, tl.trans(vs), input_precision=PRECISION), 0.0)
@@ -336,17 +366,24 @@ def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, scale, H: tl
         dvs += tl.dot(tl.trans(A.to(dos.dtype)), dos, input_precision=PRECISION)
         kdk = ks * dks
         kdk_from_t = kdk_after[None, :] + tl.sum(kdk, axis=0)[None, :] - tl.cumsum(kdk, axis=0) + kdk
-        dgs = dg_carry[None, :] + _load_tile(dg, b, hh, t, rk, T, H, K) - kdk_from_t
-        _store_tile(dk, dks, b, hh, t, rk, T, H, K)
-        _store_tile(dv, dvs, b, hh, t, rv, T, H, V)
-        _store_tile(dg, dgs, b, hh, t, rk, T, H, K)
+        dgs = dg_carry[None, :] + _load_tile(dg_partial, H * K, b, hh, t, rk, T, K) - kdk_from_t
+        _store_tile(dk, dks, H * K, b, hh, t, rk, T, K)
+        _store_tile(dv, dvs, H * V, b, hh, t, rv, T, V)
+        _store_tile(dg, dgs, H * K, b, hh, t, rk, T, K)
         kdk_after += tl.sum(kdk, axis=0)
         dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_decayed.to(dos.dtype)), dos,
                                                    input_precision=PRECISION)
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 3. The autograd wrapper
+# 3. The PyTorch operator: forward, backward, and the wrapper that checks its inputs
+#
+# The two directions are registered as PyTorch custom operators (torch.library.custom_op) with an autograd
+# formula, rather than as an autograd.Function: to torch.compile an operator is one opaque call with known
+# output shapes, so a compiled DiG block fuses everything around the kernel and leaves the kernel alone.
+#
+# The forward returns the state at every chunk boundary as a second output, which the backward needs; the
+# final state the caller may ask for is its last slot.
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -357,11 +394,14 @@ def _interpreting():
 
 
 def _launch_config(K, V):
-    """The [BK, BV] state tile of one scan program (smaller tiles: more programs in parallel), the warps of
-    the per-chunk kernels, and the scan's launch options."""
-    state_tile = (min(K, 32), min(V, 32))
+    """The [BK, BV] state tile of one scan program (small tiles: more programs in parallel, and a [STEPS, BK, BV]
+    block of updates that fits in registers), the warps of the per-chunk kernels, the scan's launch options."""
+    state_tile = (16, 16)
     chunk_warps = 4 if max(K, V) <= 64 else 8
-    return state_tile, chunk_warps, dict(num_warps=4, num_stages=2)
+    # Triton's interpreter runs the prefix scan slowly; blocks of 2 steps keep the CPU tests quick and still
+    # take the block loop through several blocks and a ragged last one.
+    steps = 2 if _interpreting() else 16
+    return state_tile, chunk_warps, dict(STEPS=steps, num_warps=4)
 
 
 def _precision(dtype):
@@ -369,54 +409,99 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-class ChunkGLA(torch.autograd.Function):
+def _rows(x):
+    """x [B, T, H, D] and its row stride, in the layout the kernels read: each token a row whose heads sit D
+    apart with unit-stride features, rows row_stride apart, one sequence after another. Contiguous tensors
+    and head views of a wider projection output already are; anything else is copied."""
+    B, T, H, D = x.shape
+    packed = x.stride(3) == 1 and (H == 1 or x.stride(2) == D) and (B == 1 or x.stride(0) == T * x.stride(1))
+    x = x if packed else x.contiguous()
+    return x, x.stride(1)
 
-    @staticmethod
-    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state):
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        NT = triton.cdiv(T, CHUNK)
-        (BK, BV), warps, scan = _launch_config(K, V)
-        prec = _precision(q.dtype)
-        # h[:, :, n]: the state before chunk n, n = 0 .. NT (the last one is the final state).
-        h = torch.empty(B, H, NT + 1, K, V, device=q.device, dtype=torch.float32)
-        gate_sum = torch.empty(B, H, NT, K, device=q.device, dtype=torch.float32)
-        _chunk_update_kernel[(NT, B * H)](k, v, g, h, gate_sum, T, NT, scale, H, K, V, CHUNK,
-                                          REVERSE=False, PRECISION=prec, num_warps=warps)
-        _scan_kernel[(K // BK, V // BV, B * H)](h, gate_sum, initial_state, NT, K, V, BK, BV,
-                                                HAS_INITIAL=initial_state is not None, REVERSE=False, **scan)
-        o = torch.empty_like(v)
-        _fwd_output_kernel[(NT, B * H)](q, k, v, g, h, o, T, NT, scale, H, K, V, CHUNK, SUB, FACTOR_LIMIT, prec,
-                                        num_warps=warps)
-        ctx.save_for_backward(q, k, v, g, h)
-        ctx.scale, ctx.has_initial_state = scale, initial_state is not None
-        final_state = h[:, :, NT].clone() if output_final_state else None
-        return o, final_state
 
-    @staticmethod
-    def backward(ctx, do, d_final_state):
-        q, k, v, g, h = ctx.saved_tensors
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        NT = triton.cdiv(T, CHUNK)
-        (BK, BV), warps, scan = _launch_config(K, V)
-        prec = _precision(q.dtype)
-        do = do.contiguous()
-        if d_final_state is not None:
-            d_final_state = d_final_state.contiguous()
-        # dh[:, :, n]: the gradient of the state before chunk n (slot 0 is the initial state's).
-        dh = torch.empty(B, H, NT + 1, K, V, device=q.device, dtype=torch.float32)
-        gate_sum = torch.empty(B, H, NT, K, device=q.device, dtype=torch.float32)
-        _chunk_update_kernel[(NT, B * H)](q, do, g, dh, gate_sum, T, NT, ctx.scale, H, K, V, CHUNK,
-                                          REVERSE=True, PRECISION=prec, num_warps=warps)
-        _scan_kernel[(K // BK, V // BV, B * H)](dh, gate_sum, d_final_state, NT, K, V, BK, BV,
-                                                HAS_INITIAL=d_final_state is not None, REVERSE=True, **scan)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dg = torch.empty(g.shape, device=g.device, dtype=torch.float32)  # fp32: read back inside the kernel
-        _bwd_chunk_kernel[(NT, B * H)](q, k, v, g, h, do, dh, dq, dk, dv, dg, T, NT, ctx.scale, H, K, V,
-                                       CHUNK, SUB, FACTOR_LIMIT, prec, num_warps=warps)
-        dh0 = dh[:, :, 0].clone() if ctx.has_initial_state else None
-        return dq, dk, dv, dg.to(g.dtype), None, dh0, None
+def _boundary_states(x, y, g, initial, scale, reverse):
+    """Launches 1 and 2: the state (forward: x, y = k, v) or the state's gradient (backward: x, y = q, do)
+    at every chunk boundary, [B, H, NT + 1, K, V] float32. See the two kernels for which slot holds what."""
+    (x, sx), (y, sy), (g, sg) = _rows(x), _rows(y), _rows(g)
+    initial = initial.float().contiguous() if initial is not None else None     # [B, H, K, V]
+    B, T, H, K = x.shape
+    V = y.shape[-1]
+    NT = triton.cdiv(T, CHUNK)
+    (BK, BV), warps, scan = _launch_config(K, V)
+    states = torch.empty(B, H, NT + 1, K, V, device=x.device, dtype=torch.float32)
+    gate_sum = torch.empty(B, H, NT, K, device=x.device, dtype=torch.float32)
+    _chunk_update_kernel[(NT, B * H)](x, y, g, states, gate_sum, sx, sy, sg, T, NT, scale, H, K, V, CHUNK,
+                                      REVERSE=reverse, PRECISION=_precision(x.dtype), num_warps=warps)
+    _scan_kernel[(K // BK, V // BV, B * H)](states, gate_sum, initial, NT, K, V, BK, BV,
+                                            HAS_INITIAL=initial is not None, REVERSE=reverse, **scan)
+    return states
+
+
+@torch.library.custom_op("dig::gla_forward", mutates_args=())
+def _gla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
+                 initial_state: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """o [B, T, H, V] (dtype of v) and h [B, H, NT + 1, K, V] (float32): h[:, :, n] is the state before
+    chunk n, h[:, :, NT] the final state."""
+    h = _boundary_states(k, v, g, initial_state, scale, reverse=False)
+    (q, sq), (k, sk), (v, sv), (g, sg) = _rows(q), _rows(k), _rows(v), _rows(g)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = h.shape[2] - 1
+    o = v.new_empty(B, T, H, V)
+    _fwd_output_kernel[(NT, B * H)](q, k, v, g, h, o, sq, sk, sv, sg, T, NT, scale, H, K, V, CHUNK, SUB,
+                                    FACTOR_LIMIT, _precision(q.dtype), num_warps=_launch_config(K, V)[1])
+    return o, h
+
+
+@_gla_forward.register_fake
+def _(q, k, v, g, scale, initial_state):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    return v.new_empty(B, T, H, V), q.new_empty(B, H, triton.cdiv(T, CHUNK) + 1, K, V, dtype=torch.float32)
+
+
+@torch.library.custom_op("dig::gla_backward", mutates_args=())
+def _gla_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
+                  do: torch.Tensor, d_final_state: Optional[torch.Tensor],
+                  scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, dg (dtypes of the inputs) and the gradient of the initial state [B, H, K, V] (float32)."""
+    # dh[:, :, n]: the gradient of the state before chunk n (slot 0 is the initial state's).
+    dh = _boundary_states(q, do, g, d_final_state, scale, reverse=True)
+    (q, sq), (k, sk), (v, sv), (g, sg), (do, sdo) = _rows(q), _rows(k), _rows(v), _rows(g), _rows(do)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = h.shape[2] - 1
+    dq, dk, dv, dg = q.new_empty(B, T, H, K), k.new_empty(B, T, H, K), v.new_empty(B, T, H, V), g.new_empty(B, T, H, K)
+    dg_partial = torch.empty(B, T, H, K, device=g.device, dtype=torch.float32)   # the kernel's scratch
+    _bwd_chunk_kernel[(NT, B * H)](q, k, v, g, h, do, dh, dq, dk, dv, dg, dg_partial, sq, sk, sv, sg, sdo, T, NT,
+                                   scale, H, K, V, CHUNK, SUB, FACTOR_LIMIT, _precision(q.dtype),
+                                   num_warps=_launch_config(K, V)[1])
+    return dq, dk, dv, dg, dh[:, :, 0].clone()
+
+
+@_gla_backward.register_fake
+def _(q, k, v, g, h, do, d_final_state, scale):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    return (q.new_empty(B, T, H, K), k.new_empty(B, T, H, K), v.new_empty(B, T, H, V), g.new_empty(B, T, H, K),
+            q.new_empty(B, H, K, V, dtype=torch.float32))
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, g, scale, initial_state = inputs
+    ctx.save_for_backward(q, k, v, g, output[1])
+    ctx.scale, ctx.has_initial_state = scale, initial_state is not None
+
+
+def _gla_gradients(ctx, do, dh):
+    q, k, v, g, h = ctx.saved_tensors
+    # Only the last slot of h (the final state) is ever handed to a caller, so only it can carry a gradient.
+    d_final_state = dh[:, :, -1] if dh is not None else None
+    dq, dk, dv, dg, d_initial = torch.ops.dig.gla_backward(q, k, v, g, h, do, d_final_state, ctx.scale)
+    return dq, dk, dv, dg, None, (d_initial if ctx.has_initial_state else None)
+
+
+_gla_forward.register_autograd(_gla_gradients, setup_context=_save_for_backward)
 
 
 def _check_gate(g):
@@ -430,7 +515,8 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
 
     q, k, g: [B, T, H, K]; v: [B, T, H, V]; initial_state: [B, H, K, V] or None; any T >= 1.
     K and V each one of 16, 32, 64, 128; dtype float16, bfloat16 or float32 (all four the same); CUDA tensors
-    (CPU tensors only under TRITON_INTERPRET=1). Non-contiguous inputs are copied to contiguous ones.
+    (CPU tensors only under TRITON_INTERPRET=1). Head views of a wider tensor (q, k, v sliced out of one
+    projection output) are read in place; other non-contiguous inputs are copied first.
     Accumulation and the state are float32; o has the dtype of v, the final state is float32.
 
     g must be <= 0. With check_gate=True (the default) a positive gate raises ValueError; the check reads
@@ -455,10 +541,10 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     if check_gate:
         _check_gate(g)
     scale = K ** -0.5 if scale is None else float(scale)
-    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
-    return ChunkGLA.apply(q, k, v, g, scale, initial_state, output_final_state)
+    o, h = torch.ops.dig.gla_forward(q, k, v, g, scale, initial_state)
+    return o, (h[:, :, -1].clone() if output_final_state else None)
 
 
 # -----------------------------------------------------------------------------------------------------------
