@@ -808,9 +808,9 @@ def sample(model, labels, steps=250, cfg_scale=1.0, sampler="ddpm", noise=None, 
 #    (python dig.py --profile 2048 [--model DiT-S/2] [--compile])
 #
 # The benchmark: one AdamW training step (bf16 autocast, diffusion loss on random latents, backward, optimizer
-# step) of DiG vs DiT with SDPA vs DiT with materialised attention, side by side, all built and run alike. Latents are 4 x px/8 x px/8 (a Stable
-# Diffusion VAE); S/2 runs with 16384 tokens per step (12544 at 1792 px, batch 1), XL/2 with batch 4 at 1024 px
-# and 1 at 2048.
+# step) of DiG vs DiT with SDPA vs DiT with materialised attention, side by side, all built and run alike.
+# Latents are 4 x px/8 x px/8 (a Stable Diffusion VAE); S/2 runs with 16384 tokens per step (12544 at 1792 px,
+# batch 1), XL/2 with batch 4 at 1024 px and 1 at 2048.
 
 BENCH_CONFIGS = ([("S/2", px, max(1, 16384 // (px // 16) ** 2)) for px in (256, 512, 1024, 1792, 2048)]
                  + [("XL/2", 1024, 4), ("XL/2", 2048, 1)])
@@ -880,7 +880,7 @@ def make_train_step(model, batch, device, cuda_graph=False):
 def _bench_one(make_model, px, batch, device, cuda_graph=False, compile=False):
     """(ms per step, peak GiB) for one model at one resolution."""
     torch._dynamo.reset()                          # forget the last model's compiled blocks (and its tensors)
-    gc.collect()
+    gc.collect()                                   # a failed (out of memory) step's tensors die with its traceback
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -931,9 +931,6 @@ def bench(configs=BENCH_CONFIGS, models=BENCH_MODELS, cuda_graph=False, compile=
                     raise
                 results[name] = None
                 print(f"{name:>9} {size:>4} {px:5d} px batch {batch:3d}: OOM", flush=True)
-            gc.collect()                           # the failed step's tensors die with the traceback
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
         rows.append((size, px, batch, results))
 
     mode = ("blocks compiled, " if compile else "") + ("replayed as one CUDA graph" if cuda_graph else "eager")
@@ -977,7 +974,8 @@ def profile(px, name="DiG-S/2", batch=None, trace=None, compile=False):
     with torch.profiler.profile(activities=activities) as prof:
         step()
         torch.cuda.synchronize()
-    print(f"{name} at {px} px, batch {batch}{', blocks compiled' if compile else ''}, {torch.cuda.get_device_name()}")
+    compiled = ", blocks compiled" if compile else ""
+    print(f"{name} at {px} px, batch {batch}{compiled}, {torch.cuda.get_device_name()}")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30))
     if trace:
         prof.export_chrome_trace(trace)

@@ -263,8 +263,7 @@ def _scan_kernel(states, gate_sum, initial, NT, K: tl.constexpr, V: tl.constexpr
 
 @triton.jit
 def _fwd_output_kernel(q, k, v, g, h, o, sq, sk, sv, sg, T, NT, scale, H: tl.constexpr, K: tl.constexpr,
-                       V: tl.constexpr,
-                       CHUNK: tl.constexpr, SUB: tl.constexpr, FACTOR_LIMIT: tl.constexpr,
+                       V: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, FACTOR_LIMIT: tl.constexpr,
                        PRECISION: tl.constexpr):
     """Outputs of one chunk, given the state before it (h[n]). Grid (NT, B * H), all chunks in parallel.
 
@@ -295,9 +294,8 @@ def _fwd_output_kernel(q, k, v, g, h, o, sq, sk, sv, sg, T, NT, scale, H: tl.con
 
 @triton.jit
 def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, dg_partial, sq, sk, sv, sg, sdo, T, NT, scale,
-                      H: tl.constexpr,
-                      K: tl.constexpr, V: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, FACTOR_LIMIT: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+                      FACTOR_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
     """dq, dk, dv, dg of one chunk, given the state before it (h[n]) and the gradient of the state after it
     (dh[n + 1]). Grid (NT, B * H), all chunks in parallel.
 
@@ -330,7 +328,8 @@ def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, dg_partial, sq, sk,
         dqs = scale * (dq_inter + dq_intra)                                    # [SUB, K]
         _store_tile(dq, dqs, H * K, b, hh, t, rk, T, K)
         qdq = qs * dqs
-        _store_tile(dg_partial, -(qdq_before[None, :] + tl.cumsum(qdq, axis=0) - qdq), H * K, b, hh, t, rk, T, K)
+        qdq_before_t = qdq_before[None, :] + tl.cumsum(qdq, axis=0) - qdq
+        _store_tile(dg_partial, -qdq_before_t, H * K, b, hh, t, rk, T, K)
         qdq_before += tl.sum(qdq, axis=0)
         k_decayed = (ks * tl.exp(G_last[None, :] - G)).to(vs.dtype)
         S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_decayed), vs, input_precision=PRECISION)
@@ -338,7 +337,7 @@ def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, dg_partial, sq, sk,
     # S is now the state after the chunk.
     dS = tl.load(dh + ((i_bh.to(tl.int64) * (NT + 1) + n + 1) * K + rk[:, None]) * V + rv[None, :])   # [K, V]
     dg_carry = tl.sum(S * dS, axis=1) + qdq_before
-    tl.debug_barrier()   # the backward walk reads back what other threads of this program wrote to dg_partial
+    tl.debug_barrier()   # the backward walk reads back what other threads of this program wrote there
 
     # Backward walk: dk_j = exp(G_last - G_j) * (v_j @ dS^T) + scale * sum_{i>=j} (do_i . v_j) q_i exp(G_i - G_j),
     #                dv_j = (k_j * exp(G_last - G_j)) @ dS + sum_{i>=j} A_ij do_i.
@@ -419,10 +418,10 @@ def _rows(x):
     return x, x.stride(1)
 
 
-def _boundary_states(x, y, g, initial, scale, reverse):
+def _boundary_states(x, sx, y, sy, g, sg, initial, scale, reverse):
     """Launches 1 and 2: the state (forward: x, y = k, v) or the state's gradient (backward: x, y = q, do)
-    at every chunk boundary, [B, H, NT + 1, K, V] float32. See the two kernels for which slot holds what."""
-    (x, sx), (y, sy), (g, sg) = _rows(x), _rows(y), _rows(g)
+    at every chunk boundary, [B, H, NT + 1, K, V] float32. See the two kernels for which slot holds what.
+    x, y, g come as _rows gives them, with their row strides sx, sy, sg."""
     initial = initial.float().contiguous() if initial is not None else None     # [B, H, K, V]
     B, T, H, K = x.shape
     V = y.shape[-1]
@@ -442,8 +441,8 @@ def _gla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
                  initial_state: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """o [B, T, H, V] (dtype of v) and h [B, H, NT + 1, K, V] (float32): h[:, :, n] is the state before
     chunk n, h[:, :, NT] the final state."""
-    h = _boundary_states(k, v, g, initial_state, scale, reverse=False)
     (q, sq), (k, sk), (v, sv), (g, sg) = _rows(q), _rows(k), _rows(v), _rows(g)
+    h = _boundary_states(k, sk, v, sv, g, sg, initial_state, scale, reverse=False)
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = h.shape[2] - 1
@@ -465,16 +464,17 @@ def _gla_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                   do: torch.Tensor, d_final_state: Optional[torch.Tensor],
                   scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, dg (dtypes of the inputs) and the gradient of the initial state [B, H, K, V] (float32)."""
-    # dh[:, :, n]: the gradient of the state before chunk n (slot 0 is the initial state's).
-    dh = _boundary_states(q, do, g, d_final_state, scale, reverse=True)
     (q, sq), (k, sk), (v, sv), (g, sg), (do, sdo) = _rows(q), _rows(k), _rows(v), _rows(g), _rows(do)
+    # dh[:, :, n]: the gradient of the state before chunk n (slot 0 is the initial state's).
+    dh = _boundary_states(q, sq, do, sdo, g, sg, d_final_state, scale, reverse=True)
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = h.shape[2] - 1
-    dq, dk, dv, dg = q.new_empty(B, T, H, K), k.new_empty(B, T, H, K), v.new_empty(B, T, H, V), g.new_empty(B, T, H, K)
+    dq, dk, dg = q.new_empty(B, T, H, K), k.new_empty(B, T, H, K), g.new_empty(B, T, H, K)
+    dv = v.new_empty(B, T, H, V)
     dg_partial = torch.empty(B, T, H, K, device=g.device, dtype=torch.float32)   # the kernel's scratch
-    _bwd_chunk_kernel[(NT, B * H)](q, k, v, g, h, do, dh, dq, dk, dv, dg, dg_partial, sq, sk, sv, sg, sdo, T, NT,
-                                   scale, H, K, V, CHUNK, SUB, FACTOR_LIMIT, _precision(q.dtype),
+    _bwd_chunk_kernel[(NT, B * H)](q, k, v, g, h, do, dh, dq, dk, dv, dg, dg_partial, sq, sk, sv, sg, sdo, T,
+                                   NT, scale, H, K, V, CHUNK, SUB, FACTOR_LIMIT, _precision(q.dtype),
                                    num_warps=_launch_config(K, V)[1])
     return dq, dk, dv, dg, dh[:, :, 0].clone()
 
@@ -541,8 +541,6 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     if check_gate:
         _check_gate(g)
     scale = K ** -0.5 if scale is None else float(scale)
-    if initial_state is not None:
-        initial_state = initial_state.float().contiguous()
     o, h = torch.ops.dig.gla_forward(q, k, v, g, scale, initial_state)
     return o, (h[:, :, -1].clone() if output_final_state else None)
 
