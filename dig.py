@@ -207,7 +207,7 @@ class GatedLinearAttention(nn.Module):
         g = F.logsigmoid(self.forget_gate(gate_low_rank)) / self.gate_normalizer
         g = g.to(q.dtype).view(N, T, H, K)                                      # [N, T, H, K]
         # The gates are <= 0 by construction, so the kernel's check (a device sync) is switched off.
-        gla = gla_kernel.chunk_gla if q.is_cuda else gla_kernel.chunk_gla_torch
+        gla = gla_kernel.chunk_gla if q.is_cuda and gla_kernel.HAS_TRITON else gla_kernel.chunk_gla_torch
         o, _ = gla(q, k, v, g, scale=self.scale, check_gate=False)             # [N, T, H, V]
         # Normalise each head (the state's sums have no fixed scale), then gate it with swish(x W_gate).
         o = F.rms_norm(o, (V,), self.norm_weight.to(o.dtype), eps=1e-6)

@@ -48,8 +48,27 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:   # no Triton (it ships for Linux): the reference and the PyTorch chunked path still work
+
+    class _NoTriton:
+        """Stands in for triton and triton.language, so that the kernels below can be defined (not run)."""
+        constexpr = None
+
+        @staticmethod
+        def jit(fn=None, **options):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def cdiv(a, b):
+            return -(-a // b)
+
+    triton = tl = _NoTriton()
+    HAS_TRITON = False
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -138,37 +157,58 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
 # -----------------------------------------------------------------------------------------------------------
 # 2. Triton kernels
 #
-# CHUNK = 64 tokens between stored states; SUB = 16 tokens per step inside a chunk (16 is the smallest tile
-# tl.dot accepts, and it keeps the element-wise [16, 16, K] decay tile small enough for registers).
-# Token t of batch b, head h, feature d lives at (b * T + t) * row_stride + h * D + d. A contiguous
+# SUB = 16 tokens per step of a walk (16 is the smallest tile tl.dot accepts, and it keeps the element-wise
+# [16, 16, K] decay tile small enough for registers); CHUNK = 64 tokens per chunk of the three-phase path.
+# Token t of batch b, head `head`, feature d lives at (b * T + t) * row_stride + head * D + d. A contiguous
 # [B, T, H, D] tensor has row_stride = H * D; a slice of a wider [B, T, W] projection output has W, so q, k
 # and v can be read straight out of one fused input projection without copies.
+# States live in float32 buffers of `slots` [K, V] slots per batch-and-head (i_bh = b * H + head).
 
 CHUNK, SUB = 64, 16
 
 
 @triton.jit
-def _load_tile(ptr, row_stride, b, h, t, cols, T, D: tl.constexpr):
-    """Rows t (token indices) and columns `cols` of head h, as a [len(t), len(cols)] tile; rows past T are 0."""
-    offs = (b * T + t[:, None]).to(tl.int64) * row_stride + h * D + cols[None, :]
+def _load_tile(ptr, row_stride, b, head, t, cols, T, D: tl.constexpr):
+    """Rows t (token indices) and columns `cols` of one head, as a [len(t), len(cols)] tile; rows past T are 0."""
+    offs = (b * T + t[:, None]).to(tl.int64) * row_stride + head * D + cols[None, :]
     return tl.load(ptr + offs, mask=(t < T)[:, None], other=0.0)
 
 
 @triton.jit
-def _store_tile(ptr, x, row_stride, b, h, t, cols, T, D: tl.constexpr):
-    offs = (b * T + t[:, None]).to(tl.int64) * row_stride + h * D + cols[None, :]
+def _store_tile(ptr, x, row_stride, b, head, t, cols, T, D: tl.constexpr):
+    offs = (b * T + t[:, None]).to(tl.int64) * row_stride + head * D + cols[None, :]
     tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=(t < T)[:, None])
 
 
 @triton.jit
-def _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, h, t, T, K: tl.constexpr, V: tl.constexpr):
-    """q, k, g of tokens t as float32 [len(t), K] tiles and v as a [len(t), V] tile in its own dtype."""
+def _state_slot(ptr, i_bh, slot, slots, K: tl.constexpr, V: tl.constexpr):
+    """Addresses of the [K, V] state in slot `slot` of sequence-and-head i_bh."""
     rk, rv = tl.arange(0, K), tl.arange(0, V)
-    qs = _load_tile(q, sq, b, h, t, rk, T, K).to(tl.float32)
-    ks = _load_tile(k, sk, b, h, t, rk, T, K).to(tl.float32)
-    gs = _load_tile(g, sg, b, h, t, rk, T, K).to(tl.float32)
-    vs = _load_tile(v, sv, b, h, t, rv, T, V)
-    return qs, ks, gs, vs
+    return ptr + ((i_bh.to(tl.int64) * slots + slot) * K + rk[:, None]) * V + rv[None, :]
+
+
+@triton.jit
+def _sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K: tl.constexpr, V: tl.constexpr):
+    """The inputs of tokens t: q, k as float32 [SUB, K] tiles, v as a [SUB, V] tile in its own dtype, and
+    G (the gates' cumulative sum inside the sub-chunk, [SUB, K]) with G_last, its last row ([K])."""
+    rk, rv = tl.arange(0, K), tl.arange(0, V)
+    qs = _load_tile(q, sq, b, head, t, rk, T, K).to(tl.float32)
+    ks = _load_tile(k, sk, b, head, t, rk, T, K).to(tl.float32)
+    gs = _load_tile(g, sg, b, head, t, rk, T, K).to(tl.float32)
+    vs = _load_tile(v, sv, b, head, t, rv, T, V)
+    return qs, ks, vs, tl.cumsum(gs, axis=0), tl.sum(gs, axis=0)
+
+
+# Inside a sub-chunk, exp(G_i - G_j) = exp(G_i) * exp(-G_j) turns the [SUB, SUB, K] element-wise work into one
+# small matrix product, which is far cheaper. That is safe while exp(-G) fits float32 (up to e^88), so the
+# kernels take it when the sub-chunk's summed gate stays above -FACTOR_LIMIT (with DiG's gates, in practice
+# always) and fall back to an element-wise tile with no positive exponent otherwise. Both stay in float32.
+FACTOR_LIMIT = 60.0
+
+
+@triton.jit
+def _factored(G_last, FACTOR_LIMIT: tl.constexpr):
+    return tl.min(G_last, axis=0) > -FACTOR_LIMIT
 
 
 @triton.jit
@@ -179,14 +219,142 @@ def _intra_decay(G, SUB: tl.constexpr):
     return tl.exp(tl.where(causal, G[:, None, :] - G[None, :, :], float("-inf")))
 
 
-# Inside a sub-chunk, exp(G_i - G_j) = exp(G_i) * exp(-G_j) turns the [SUB, SUB, K] element-wise work into one
-# small matrix product, which is far cheaper. That is safe while exp(-G) fits float32 (up to e^88), so the
-# kernels take it when the sub-chunk's summed gate stays above -FACTOR_LIMIT (with DiG's gates, in practice
-# always) and fall back to the element-wise tile otherwise. Both factors and the product stay in float32.
-FACTOR_LIMIT = 60.0
+@triton.jit
+def _intra_weights(qs, ks, G, G_last, scale, SUB: tl.constexpr, FACTOR_LIMIT: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """A[i, j] = scale * sum_k q_ik k_jk exp(G_ik - G_jk) for i >= j, 0 above the diagonal: [SUB, SUB]."""
+    i = tl.arange(0, SUB)
+    if _factored(G_last, FACTOR_LIMIT):
+        A = tl.dot(qs * tl.exp(G), tl.trans(ks * tl.exp(-G)), input_precision=PRECISION)
+    else:
+        A = tl.sum(qs[:, None, :] * ks[None, :, :] * _intra_decay(G, SUB), axis=2)
+    return tl.where(i[:, None] >= i[None, :], A * scale, 0.0)
 
 
 @triton.jit
+def _advance_state(S, ks, vs, G, G_last, PRECISION: tl.constexpr):
+    """The state after a sub-chunk from the state before it: decay by exp(G_last), add (k exp(G_last - G))^T v."""
+    k_decayed = (ks * tl.exp(G_last[None, :] - G)).to(vs.dtype)
+    return S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_decayed), vs, input_precision=PRECISION)
+
+
+@triton.jit(do_not_specialize=["T", "seg_len"])   # one compiled variant serves every length
+def _fwd_kernel(q, k, v, g, o, s_start, s_end, sq, sk, sv, sg, T, seg_len, slots, scale, H: tl.constexpr,
+                K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr, FACTOR_LIMIT: tl.constexpr,
+                PRECISION: tl.constexpr, HAS_START: tl.constexpr, STORE_END: tl.constexpr):
+    """Outputs of one segment of seg_len tokens, given the state before it. Grid (segments, B * H).
+
+    Walks the segment in sub-chunks of SUB tokens, carrying the state: it covers everything before the
+    sub-chunk, the weights A the causal interactions inside it. One pass: the segment is the whole sequence,
+    the start state the initial state (or zeros), and the final state is stored. Three phases: segments are
+    chunks, and s_start holds the state before each of them.
+    """
+    n, i_bh = tl.program_id(0), tl.program_id(1)
+    b, head = i_bh // H, i_bh % H
+    rv = tl.arange(0, V)
+    if HAS_START:
+        S = tl.load(_state_slot(s_start, i_bh, n, slots, K, V))                     # [K, V]
+    else:
+        S = tl.zeros([K, V], dtype=tl.float32)
+    for s in range(0, tl.cdiv(seg_len, SUB)):
+        t = n * seg_len + s * SUB + tl.arange(0, SUB)
+        qs, ks, vs, G, G_last = _sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K, V)
+        A = _intra_weights(qs, ks, G, G_last, scale, SUB, FACTOR_LIMIT, PRECISION)  # [SUB, SUB]
+        q_decayed = (qs * tl.exp(G) * scale).to(vs.dtype)
+        os = tl.dot(q_decayed, S.to(vs.dtype), input_precision=PRECISION)           # [SUB, V]
+        os += tl.dot(A.to(vs.dtype), vs, input_precision=PRECISION)
+        _store_tile(o, os, H * V, b, head, t, rv, T, V)
+        S = _advance_state(S, ks, vs, G, G_last, PRECISION)
+    if STORE_END:
+        tl.store(_state_slot(s_end, i_bh, n, slots, K, V), S)
+
+
+@triton.jit(do_not_specialize=["T", "seg_len"])
+def _bwd_kernel(q, k, v, g, do, s_start, ds_end, ds_start, dq, dk, dv, dg, dg_partial, sq, sk, sv, sg, sdo,
+                T, seg_len, slots, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr,
+                FACTOR_LIMIT: tl.constexpr, PRECISION: tl.constexpr, HAS_START: tl.constexpr,
+                HAS_DS_END: tl.constexpr, STORE_DS_START: tl.constexpr):
+    """dq, dk, dv, dg of one segment, given the state before it (s_start) and the gradient of the state after
+    it (ds_end). Grid (segments, B * H). One pass: the segment is the whole sequence, s_start the initial
+    state, ds_end the final state's gradient, and the initial state's gradient is stored in ds_start.
+
+    A forward walk over the sub-chunks (carrying the state) gives dq; a backward walk (carrying the state's
+    gradient) gives dk and dv. dg_t = sum over tokens t' >= t of (q*dq - k*dk)_t', split as
+    [everything after this segment] + [sum over the segment of q*dq] - [q*dq before t] - [k*dk from t on].
+    The first term is sum_v(S_end * dS_end); the forward walk leaves -[q*dq before t] in dg_partial (float32
+    scratch) for the backward walk to finish.
+    """
+    n, i_bh = tl.program_id(0), tl.program_id(1)
+    b, head = i_bh // H, i_bh % H
+    rk, rv, i = tl.arange(0, K), tl.arange(0, V), tl.arange(0, SUB)
+    causal = i[:, None] >= i[None, :]
+    steps = tl.cdiv(seg_len, SUB)
+    if HAS_START:
+        S = tl.load(_state_slot(s_start, i_bh, n, slots, K, V))                     # [K, V]
+    else:
+        S = tl.zeros([K, V], dtype=tl.float32)
+
+    # Forward walk: dq_i = scale * (exp(G_i) * (do_i @ S^T) + sum_{j<=i} (do_i . v_j) k_j exp(G_i - G_j)).
+    qdq_before = tl.zeros([K], dtype=tl.float32)
+    for s in range(0, steps):
+        t = n * seg_len + s * SUB + i
+        qs, ks, vs, G, G_last = _sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K, V)
+        dos = _load_tile(do, sdo, b, head, t, rv, T, V)
+        dA = tl.where(causal, tl.dot(dos, tl.trans(vs), input_precision=PRECISION), 0.0)   # do_i . v_j
+        if _factored(G_last, FACTOR_LIMIT):
+            dq_intra = tl.exp(G) * tl.dot(dA, ks * tl.exp(-G), input_precision=PRECISION)
+        else:
+            dq_intra = tl.sum(dA[:, :, None] * _intra_decay(G, SUB) * ks[None, :, :], axis=1)
+        dq_inter = tl.exp(G) * tl.dot(dos, tl.trans(S.to(dos.dtype)), input_precision=PRECISION)
+        dqs = scale * (dq_inter + dq_intra)                                    # [SUB, K]
+        _store_tile(dq, dqs, H * K, b, head, t, rk, T, K)
+        qdq = qs * dqs
+        _store_tile(dg_partial, -(qdq_before[None, :] + tl.cumsum(qdq, axis=0) - qdq), H * K, b, head, t, rk, T, K)
+        qdq_before += tl.sum(qdq, axis=0)
+        S = _advance_state(S, ks, vs, G, G_last, PRECISION)
+
+    # S is now the state after the segment.
+    if HAS_DS_END:
+        dS = tl.load(_state_slot(ds_end, i_bh, n, slots, K, V))                     # [K, V]
+    else:
+        dS = tl.zeros([K, V], dtype=tl.float32)
+    dg_carry = tl.sum(S * dS, axis=1) + qdq_before
+    tl.debug_barrier()   # the backward walk reads back what other threads of this program wrote to dg_partial
+
+    # Backward walk: dk_j = exp(G_last - G_j) * (v_j @ dS^T) + scale * sum_{i>=j} (do_i . v_j) q_i exp(G_i - G_j),
+    #                dv_j = (k_j * exp(G_last - G_j)) @ dS + sum_{i>=j} A_ij do_i.
+    kdk_after = tl.zeros([K], dtype=tl.float32)
+    for s_rev in range(0, steps):
+        t = n * seg_len + (steps - 1 - s_rev) * SUB + i
+        qs, ks, vs, G, G_last = _sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K, V)
+        dos = _load_tile(do, sdo, b, head, t, rv, T, V)
+        dA = tl.where(causal, tl.dot(dos, tl.trans(vs), input_precision=PRECISION), 0.0)
+        q_decayed = qs * tl.exp(G) * scale
+        if _factored(G_last, FACTOR_LIMIT):
+            dk_intra = tl.exp(-G) * tl.dot(tl.trans(dA), q_decayed, input_precision=PRECISION)
+        else:
+            dk_intra = scale * tl.sum(dA[:, :, None] * _intra_decay(G, SUB) * qs[:, None, :], axis=0)
+        A = _intra_weights(qs, ks, G, G_last, scale, SUB, FACTOR_LIMIT, PRECISION)
+        to_end = tl.exp(G_last[None, :] - G)                                  # [SUB, K]
+        dks = to_end * tl.dot(vs, tl.trans(dS.to(vs.dtype)), input_precision=PRECISION) + dk_intra
+        dvs = tl.dot((ks * to_end).to(vs.dtype), dS.to(vs.dtype), input_precision=PRECISION)
+        dvs += tl.dot(tl.trans(A.to(dos.dtype)), dos, input_precision=PRECISION)
+        kdk = ks * dks
+        kdk_from_t = kdk_after[None, :] + tl.sum(kdk, axis=0)[None, :] - tl.cumsum(kdk, axis=0) + kdk
+        dgs = dg_carry[None, :] + _load_tile(dg_partial, H * K, b, head, t, rk, T, K) - kdk_from_t
+        _store_tile(dk, dks, H * K, b, head, t, rk, T, K)
+        _store_tile(dv, dvs, H * V, b, head, t, rv, T, V)
+        _store_tile(dg, dgs, H * K, b, head, t, rk, T, K)
+        kdk_after += tl.sum(kdk, axis=0)
+        dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_decayed.to(dos.dtype)), dos,
+                                                   input_precision=PRECISION)
+    if STORE_DS_START:
+        tl.store(_state_slot(ds_start, i_bh, n, slots, K, V), dS)
+
+
+# The three-phase path's first two launches: what every chunk adds to the state (in parallel), then the scan.
+
+@triton.jit(do_not_specialize=["T", "NT"])
 def _chunk_update_kernel(x, y, g, out, gate_sum, sx, sy, sg, T, NT, scale, H: tl.constexpr, K: tl.constexpr,
                          V: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr):
     """What chunk n adds to the scan, for all chunks in parallel. Grid (NT, B * H).
@@ -196,12 +364,12 @@ def _chunk_update_kernel(x, y, g, out, gate_sum, sx, sy, sg, T, NT, scale, H: tl
     and gate_sum[n] = G_last, the chunk's total log decay. out has NT + 1 slots, one per chunk boundary.
     """
     n, i_bh = tl.program_id(0), tl.program_id(1)
-    b, hh = i_bh // H, i_bh % H
+    b, head = i_bh // H, i_bh % H
     rk, rv = tl.arange(0, K), tl.arange(0, V)
     t = n * CHUNK + tl.arange(0, CHUNK)
-    xc = _load_tile(x, sx, b, hh, t, rk, T, K)                                 # [CHUNK, K]
-    gc = _load_tile(g, sg, b, hh, t, rk, T, K).to(tl.float32)
-    yc = _load_tile(y, sy, b, hh, t, rv, T, V)                                 # [CHUNK, V]
+    xc = _load_tile(x, sx, b, head, t, rk, T, K)                               # [CHUNK, K]
+    gc = _load_tile(g, sg, b, head, t, rk, T, K).to(tl.float32)
+    yc = _load_tile(y, sy, b, head, t, rv, T, V)                               # [CHUNK, V]
     G = tl.cumsum(gc, axis=0)
     G_last = tl.sum(gc, axis=0)                                                # [K]
     if REVERSE:
@@ -211,7 +379,7 @@ def _chunk_update_kernel(x, y, g, out, gate_sum, sx, sy, sg, T, NT, scale, H: tl
         x_decayed = xc * tl.exp(G_last[None, :] - G)
         slot = n + 1
     U = tl.dot(tl.trans(x_decayed.to(yc.dtype)), yc, input_precision=PRECISION)  # [K, V]
-    tl.store(out + ((i_bh.to(tl.int64) * (NT + 1) + slot) * K + rk[:, None]) * V + rv[None, :], U)
+    tl.store(_state_slot(out, i_bh, slot, NT + 1, K, V), U)
     tl.store(gate_sum + (i_bh.to(tl.int64) * NT + n) * K + rk, G_last)
 
 
@@ -221,7 +389,7 @@ def _decay_then_add(a1, u1, a2, u2):
     return a1 * a2, a2 * u1 + u2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NT"])
 def _scan_kernel(states, gate_sum, initial, NT, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                  BV: tl.constexpr, STEPS: tl.constexpr, HAS_INITIAL: tl.constexpr, REVERSE: tl.constexpr):
     """The one sequential step: S <- exp(G_last of chunk n) * S + U_n, chunk after chunk, on a [BK, BV] tile.
@@ -261,129 +429,26 @@ def _scan_kernel(states, gate_sum, initial, NT, K: tl.constexpr, V: tl.constexpr
         S = tl.sum(tl.where((p == STEPS - 1)[:, None, None], S_all, 0.0), axis=0)   # the last one carries on
 
 
-@triton.jit
-def _fwd_output_kernel(q, k, v, g, h, o, sq, sk, sv, sg, T, NT, scale, H: tl.constexpr, K: tl.constexpr,
-                       V: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, FACTOR_LIMIT: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """Outputs of one chunk, given the state before it (h[n]). Grid (NT, B * H), all chunks in parallel.
-
-    Walks the chunk in sub-chunks of SUB tokens: the carried state covers everything before the sub-chunk,
-    the weights A = scale * tril(q_i k_j exp(G_i - G_j)) the causal interactions inside it.
-    """
-    n, i_bh = tl.program_id(0), tl.program_id(1)
-    b, hh = i_bh // H, i_bh % H
-    rk, rv, i = tl.arange(0, K), tl.arange(0, V), tl.arange(0, SUB)
-    causal = i[:, None] >= i[None, :]
-    S = tl.load(h + ((i_bh.to(tl.int64) * (NT + 1) + n) * K + rk[:, None]) * V + rv[None, :])   # [K, V]
-    for s in range(CHUNK // SUB):
-        t = n * CHUNK + s * SUB + i
-        qs, ks, gs, vs = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, hh, t, T, K, V)   # [SUB, K] x3, [SUB, V]
-        G = tl.cumsum(gs, axis=0)
-        G_last = tl.sum(gs, axis=0)
-        q_decayed = qs * tl.exp(G) * scale
-        if tl.min(G_last, axis=0) > -FACTOR_LIMIT:
-            A = tl.where(causal, tl.dot(q_decayed, tl.trans(ks * tl.exp(-G)), input_precision=PRECISION), 0.0)
-        else:
-            A = tl.sum(qs[:, None, :] * ks[None, :, :] * _intra_decay(G, SUB), axis=2) * scale
-        os = tl.dot(q_decayed.to(vs.dtype), S.to(vs.dtype), input_precision=PRECISION)   # [SUB, V]
-        os += tl.dot(A.to(vs.dtype), vs, input_precision=PRECISION)
-        _store_tile(o, os, H * V, b, hh, t, rv, T, V)
-        k_decayed = (ks * tl.exp(G_last[None, :] - G)).to(vs.dtype)
-        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_decayed), vs, input_precision=PRECISION)
-
-
-@triton.jit
-def _bwd_chunk_kernel(q, k, v, g, h, do, dh, dq, dk, dv, dg, dg_partial, sq, sk, sv, sg, sdo, T, NT, scale,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-                      FACTOR_LIMIT: tl.constexpr, PRECISION: tl.constexpr):
-    """dq, dk, dv, dg of one chunk, given the state before it (h[n]) and the gradient of the state after it
-    (dh[n + 1]). Grid (NT, B * H), all chunks in parallel.
-
-    A forward walk over the sub-chunks (carrying the state) gives dq; a backward walk (carrying the state's
-    gradient) gives dk and dv. dg_t = sum over tokens t' >= t of (q*dq - k*dk)_t', split as
-    [everything after this chunk] + [sum over the chunk of q*dq] - [q*dq before t] - [k*dk from t on].
-    The first term is sum_v(S_end * dS_end); the forward walk leaves -[q*dq before t] in dg_partial (float32
-    scratch) for the backward walk to finish.
-    """
-    n, i_bh = tl.program_id(0), tl.program_id(1)
-    b, hh = i_bh // H, i_bh % H
-    rk, rv, i = tl.arange(0, K), tl.arange(0, V), tl.arange(0, SUB)
-    causal = i[:, None] >= i[None, :]
-    S = tl.load(h + ((i_bh.to(tl.int64) * (NT + 1) + n) * K + rk[:, None]) * V + rv[None, :])   # [K, V]
-
-    # Forward walk: dq_i = scale * (exp(G_i) * (do_i @ S^T) + sum_{j<=i} (do_i . v_j) k_j exp(G_i - G_j)).
-    qdq_before = tl.zeros([K], dtype=tl.float32)
-    for s in range(CHUNK // SUB):
-        t = n * CHUNK + s * SUB + i
-        qs, ks, gs, vs = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, hh, t, T, K, V)
-        dos = _load_tile(do, sdo, b, hh, t, rv, T, V)
-        G = tl.cumsum(gs, axis=0)
-        G_last = tl.sum(gs, axis=0)
-        dA = tl.where(causal, tl.dot(dos, tl.trans(vs), input_precision=PRECISION), 0.0)   # do_i . v_j
-        if tl.min(G_last, axis=0) > -FACTOR_LIMIT:
-            dq_intra = tl.exp(G) * tl.dot(dA, ks * tl.exp(-G), input_precision=PRECISION)
-        else:
-            dq_intra = tl.sum(dA[:, :, None] * _intra_decay(G, SUB) * ks[None, :, :], axis=1)
-        dq_inter = tl.exp(G) * tl.dot(dos, tl.trans(S.to(dos.dtype)), input_precision=PRECISION)
-        dqs = scale * (dq_inter + dq_intra)                                    # [SUB, K]
-        _store_tile(dq, dqs, H * K, b, hh, t, rk, T, K)
-        qdq = qs * dqs
-        qdq_before_t = qdq_before[None, :] + tl.cumsum(qdq, axis=0) - qdq
-        _store_tile(dg_partial, -qdq_before_t, H * K, b, hh, t, rk, T, K)
-        qdq_before += tl.sum(qdq, axis=0)
-        k_decayed = (ks * tl.exp(G_last[None, :] - G)).to(vs.dtype)
-        S = S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_decayed), vs, input_precision=PRECISION)
-
-    # S is now the state after the chunk.
-    dS = tl.load(dh + ((i_bh.to(tl.int64) * (NT + 1) + n + 1) * K + rk[:, None]) * V + rv[None, :])   # [K, V]
-    dg_carry = tl.sum(S * dS, axis=1) + qdq_before
-    tl.debug_barrier()   # the backward walk reads back what other threads of this program wrote there
-
-    # Backward walk: dk_j = exp(G_last - G_j) * (v_j @ dS^T) + scale * sum_{i>=j} (do_i . v_j) q_i exp(G_i - G_j),
-    #                dv_j = (k_j * exp(G_last - G_j)) @ dS + sum_{i>=j} A_ij do_i.
-    kdk_after = tl.zeros([K], dtype=tl.float32)
-    for s_rev in range(CHUNK // SUB):
-        s = CHUNK // SUB - 1 - s_rev
-        t = n * CHUNK + s * SUB + i
-        qs, ks, gs, vs = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, hh, t, T, K, V)
-        dos = _load_tile(do, sdo, b, hh, t, rv, T, V)
-        G = tl.cumsum(gs, axis=0)
-        G_last = tl.sum(gs, axis=0)
-        dA = tl.where(causal, tl.dot(dos, tl.trans(vs), input_precision=PRECISION), 0.0)
-        q_decayed = qs * tl.exp(G) * scale
-        if tl.min(G_last, axis=0) > -FACTOR_LIMIT:
-            k_grown = ks * tl.exp(-G)
-            A = tl.where(causal, tl.dot(q_decayed, tl.trans(k_grown), input_precision=PRECISION), 0.0)
-            dk_intra = tl.exp(-G) * tl.dot(tl.trans(dA), q_decayed, input_precision=PRECISION)
-        else:
-            decay = _intra_decay(G, SUB)                                      # [SUB, SUB, K]
-            A = tl.sum(qs[:, None, :] * ks[None, :, :] * decay, axis=2) * scale
-            dk_intra = scale * tl.sum(dA[:, :, None] * decay * qs[:, None, :], axis=0)
-        to_end = tl.exp(G_last[None, :] - G)                                  # [SUB, K]
-        dks = to_end * tl.dot(vs, tl.trans(dS.to(vs.dtype)), input_precision=PRECISION) + dk_intra
-        dvs = tl.dot((ks * to_end).to(vs.dtype), dS.to(vs.dtype), input_precision=PRECISION)
-        dvs += tl.dot(tl.trans(A.to(dos.dtype)), dos, input_precision=PRECISION)
-        kdk = ks * dks
-        kdk_from_t = kdk_after[None, :] + tl.sum(kdk, axis=0)[None, :] - tl.cumsum(kdk, axis=0) + kdk
-        dgs = dg_carry[None, :] + _load_tile(dg_partial, H * K, b, hh, t, rk, T, K) - kdk_from_t
-        _store_tile(dk, dks, H * K, b, hh, t, rk, T, K)
-        _store_tile(dv, dvs, H * V, b, hh, t, rv, T, V)
-        _store_tile(dg, dgs, H * K, b, hh, t, rk, T, K)
-        kdk_after += tl.sum(kdk, axis=0)
-        dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_decayed.to(dos.dtype)), dos,
-                                                   input_precision=PRECISION)
-
-
 # -----------------------------------------------------------------------------------------------------------
 # 3. The PyTorch operator: forward, backward, and the wrapper that checks its inputs
 #
-# The two directions are registered as PyTorch custom operators (torch.library.custom_op) with an autograd
-# formula, rather than as an autograd.Function: to torch.compile an operator is one opaque call with known
-# output shapes, so a compiled DiG block fuses everything around the kernel and leaves the kernel alone.
+# Two ways to run the same kernels, chosen by the sequence length alone:
+#   one pass     (T <= ONE_PASS_MAX_T): one program per batch and head walks the whole sequence, carrying the
+#                state in registers. One launch per direction, and no state ever goes to memory.
+#   three phases (longer sequences): one program per batch, head and chunk is parallel enough for any batch,
+#                at the price of three launches per direction and a round trip of the chunk states.
+# One pass is the three-phase path's per-chunk kernel run on a chunk as long as the sequence. Its walk is
+# sequential, so it wins while B * H programs are enough to fill the GPU and the walk is short; the limit was
+# set by measurement (python gla_kernel.py --paths prints both paths side by side).
 #
-# The forward returns the state at every chunk boundary as a second output, which the backward needs; the
-# final state the caller may ask for is its last slot.
+# The two directions are registered as PyTorch custom operators (torch.library.custom_op) with an autograd
+# formula: to torch.compile an operator is one opaque call with known output shapes, so a compiled DiG block
+# fuses everything around the kernel and leaves the kernel alone. The forward's second output is what the
+# backward needs besides the inputs: the state at every chunk boundary (three phases), or only the final
+# state (one pass, whose backward recomputes the states as it walks). Either way its last slot is the final
+# state.
 
+ONE_PASS_MAX_T = 512
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -392,15 +457,12 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _launch_config(K, V):
-    """The [BK, BV] state tile of one scan program (small tiles: more programs in parallel, and a [STEPS, BK, BV]
-    block of updates that fits in registers), the warps of the per-chunk kernels, the scan's launch options."""
-    state_tile = (16, 16)
-    chunk_warps = 4 if max(K, V) <= 64 else 8
-    # Triton's interpreter runs the prefix scan slowly; blocks of 2 steps keep the CPU tests quick and still
-    # take the block loop through several blocks and a ragged last one.
-    steps = 2 if _interpreting() else 16
-    return state_tile, chunk_warps, dict(STEPS=steps, num_warps=4)
+def _one_pass(T):
+    return T <= ONE_PASS_MAX_T
+
+
+def _warps(K, V):
+    return 4 if max(K, V) <= 64 else 8
 
 
 def _precision(dtype):
@@ -418,37 +480,49 @@ def _rows(x):
     return x, x.stride(1)
 
 
+def _states_shape(B, T, H, K, V):
+    return (B, H, 1 if _one_pass(T) else triton.cdiv(T, CHUNK) + 1, K, V)
+
+
 def _boundary_states(x, sx, y, sy, g, sg, initial, scale, reverse):
-    """Launches 1 and 2: the state (forward: x, y = k, v) or the state's gradient (backward: x, y = q, do)
-    at every chunk boundary, [B, H, NT + 1, K, V] float32. See the two kernels for which slot holds what.
-    x, y, g come as _rows gives them, with their row strides sx, sy, sg."""
-    initial = initial.float().contiguous() if initial is not None else None     # [B, H, K, V]
+    """Three phases, launches 1 and 2: the state (forward: x, y = k, v) or the state's gradient (backward:
+    x, y = q, do) at every chunk boundary, [B, H, NT + 1, K, V] float32. See the two kernels for which slot
+    holds what. x, y, g come as _rows gives them, with their row strides sx, sy, sg."""
     B, T, H, K = x.shape
     V = y.shape[-1]
     NT = triton.cdiv(T, CHUNK)
-    (BK, BV), warps, scan = _launch_config(K, V)
     states = torch.empty(B, H, NT + 1, K, V, device=x.device, dtype=torch.float32)
     gate_sum = torch.empty(B, H, NT, K, device=x.device, dtype=torch.float32)
     _chunk_update_kernel[(NT, B * H)](x, y, g, states, gate_sum, sx, sy, sg, T, NT, scale, H, K, V, CHUNK,
-                                      REVERSE=reverse, PRECISION=_precision(x.dtype), num_warps=warps)
-    _scan_kernel[(K // BK, V // BV, B * H)](states, gate_sum, initial, NT, K, V, BK, BV,
-                                            HAS_INITIAL=initial is not None, REVERSE=reverse, **scan)
+                                      REVERSE=reverse, PRECISION=_precision(x.dtype), num_warps=_warps(K, V))
+    # Small [16, 16] state tiles: more programs in parallel, and a [STEPS, 16, 16] block of updates that fits
+    # in registers. Triton's interpreter runs the prefix scan slowly; blocks of 2 steps keep the CPU tests
+    # quick and still take the loop through several blocks and a ragged last one.
+    steps = 2 if _interpreting() else 16
+    _scan_kernel[(K // 16, V // 16, B * H)](states, gate_sum, initial, NT, K, V, 16, 16, STEPS=steps,
+                                            HAS_INITIAL=initial is not None, REVERSE=reverse, num_warps=4)
     return states
 
 
 @torch.library.custom_op("dig::gla_forward", mutates_args=())
 def _gla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
                  initial_state: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """o [B, T, H, V] (dtype of v) and h [B, H, NT + 1, K, V] (float32): h[:, :, n] is the state before
-    chunk n, h[:, :, NT] the final state."""
+    """o [B, T, H, V] (dtype of v) and the states [B, H, slots, K, V] (float32) the backward needs."""
     (q, sq), (k, sk), (v, sv), (g, sg) = _rows(q), _rows(k), _rows(v), _rows(g)
-    h = _boundary_states(k, sk, v, sv, g, sg, initial_state, scale, reverse=False)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    NT = h.shape[2] - 1
+    initial = initial_state.float().contiguous() if initial_state is not None else None   # [B, H, K, V]
     o = v.new_empty(B, T, H, V)
-    _fwd_output_kernel[(NT, B * H)](q, k, v, g, h, o, sq, sk, sv, sg, T, NT, scale, H, K, V, CHUNK, SUB,
-                                    FACTOR_LIMIT, _precision(q.dtype), num_warps=_launch_config(K, V)[1])
+    kernel_args = dict(H=H, K=K, V=V, SUB=SUB, FACTOR_LIMIT=FACTOR_LIMIT, PRECISION=_precision(q.dtype),
+                       num_warps=_warps(K, V))
+    if _one_pass(T):
+        final = torch.empty(B, H, 1, K, V, device=q.device, dtype=torch.float32)
+        _fwd_kernel[(1, B * H)](q, k, v, g, o, initial, final, sq, sk, sv, sg, T, T, 1, scale,
+                                HAS_START=initial is not None, STORE_END=True, **kernel_args)
+        return o, final
+    h = _boundary_states(k, sk, v, sv, g, sg, initial, scale, reverse=False)
+    _fwd_kernel[(h.shape[2] - 1, B * H)](q, k, v, g, o, h, None, sq, sk, sv, sg, T, CHUNK, h.shape[2], scale,
+                                         HAS_START=True, STORE_END=False, **kernel_args)
     return o, h
 
 
@@ -456,31 +530,43 @@ def _gla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
 def _(q, k, v, g, scale, initial_state):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    return v.new_empty(B, T, H, V), q.new_empty(B, H, triton.cdiv(T, CHUNK) + 1, K, V, dtype=torch.float32)
+    return v.new_empty(B, T, H, V), q.new_empty(_states_shape(B, T, H, K, V), dtype=torch.float32)
 
 
 @torch.library.custom_op("dig::gla_backward", mutates_args=())
-def _gla_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
-                  do: torch.Tensor, d_final_state: Optional[torch.Tensor],
+def _gla_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                  initial_state: Optional[torch.Tensor], states: torch.Tensor, do: torch.Tensor,
+                  d_final_state: Optional[torch.Tensor],
                   scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, dg (dtypes of the inputs) and the gradient of the initial state [B, H, K, V] (float32)."""
     (q, sq), (k, sk), (v, sv), (g, sg), (do, sdo) = _rows(q), _rows(k), _rows(v), _rows(g), _rows(do)
-    # dh[:, :, n]: the gradient of the state before chunk n (slot 0 is the initial state's).
-    dh = _boundary_states(q, sq, do, sdo, g, sg, d_final_state, scale, reverse=True)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    NT = h.shape[2] - 1
+    # A gradient made by broadcasting (e.g. from .sum()) has stride 0; the kernels read dense rows.
+    d_final = d_final_state.float().contiguous() if d_final_state is not None else None   # [B, H, K, V]
     dq, dk, dg = q.new_empty(B, T, H, K), k.new_empty(B, T, H, K), g.new_empty(B, T, H, K)
     dv = v.new_empty(B, T, H, V)
     dg_partial = torch.empty(B, T, H, K, device=g.device, dtype=torch.float32)   # the kernel's scratch
-    _bwd_chunk_kernel[(NT, B * H)](q, k, v, g, h, do, dh, dq, dk, dv, dg, dg_partial, sq, sk, sv, sg, sdo, T,
-                                   NT, scale, H, K, V, CHUNK, SUB, FACTOR_LIMIT, _precision(q.dtype),
-                                   num_warps=_launch_config(K, V)[1])
+    kernel_args = dict(H=H, K=K, V=V, SUB=SUB, FACTOR_LIMIT=FACTOR_LIMIT, PRECISION=_precision(q.dtype),
+                       num_warps=_warps(K, V))
+    grads = (dq, dk, dv, dg, dg_partial, sq, sk, sv, sg, sdo, T)
+    if _one_pass(T):
+        initial = initial_state.float().contiguous() if initial_state is not None else None
+        d_initial = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+        _bwd_kernel[(1, B * H)](q, k, v, g, do, initial, d_final, d_initial, *grads, T, 1, scale,
+                                HAS_START=initial is not None, HAS_DS_END=d_final is not None,
+                                STORE_DS_START=True, **kernel_args)
+        return dq, dk, dv, dg, d_initial
+    # dh[:, :, n]: the gradient of the state before chunk n (slot 0 is the initial state's).
+    dh = _boundary_states(q, sq, do, sdo, g, sg, d_final, scale, reverse=True)
+    slots = states.shape[2]
+    _bwd_kernel[(slots - 1, B * H)](q, k, v, g, do, states, dh[:, :, 1:], None, *grads, CHUNK, slots, scale,
+                                    HAS_START=True, HAS_DS_END=True, STORE_DS_START=False, **kernel_args)
     return dq, dk, dv, dg, dh[:, :, 0].clone()
 
 
 @_gla_backward.register_fake
-def _(q, k, v, g, h, do, d_final_state, scale):
+def _(q, k, v, g, initial_state, states, do, d_final_state, scale):
     B, T, H, K = q.shape
     V = v.shape[-1]
     return (q.new_empty(B, T, H, K), k.new_empty(B, T, H, K), v.new_empty(B, T, H, V), g.new_empty(B, T, H, K),
@@ -489,16 +575,18 @@ def _(q, k, v, g, h, do, d_final_state, scale):
 
 def _save_for_backward(ctx, inputs, output):
     q, k, v, g, scale, initial_state = inputs
-    ctx.save_for_backward(q, k, v, g, output[1])
-    ctx.scale, ctx.has_initial_state = scale, initial_state is not None
+    ctx.save_for_backward(q, k, v, g, initial_state, output[1])
+    ctx.scale = scale
 
 
-def _gla_gradients(ctx, do, dh):
-    q, k, v, g, h = ctx.saved_tensors
-    # Only the last slot of h (the final state) is ever handed to a caller, so only it can carry a gradient.
-    d_final_state = dh[:, :, -1] if dh is not None else None
-    dq, dk, dv, dg, d_initial = torch.ops.dig.gla_backward(q, k, v, g, h, do, d_final_state, ctx.scale)
-    return dq, dk, dv, dg, None, (d_initial if ctx.has_initial_state else None)
+def _gla_gradients(ctx, do, d_states):
+    q, k, v, g, initial_state, states = ctx.saved_tensors
+    # Only the last slot of the states (the final state) is ever handed to a caller, so only it can carry a
+    # gradient.
+    d_final_state = d_states[:, :, -1] if d_states is not None else None
+    dq, dk, dv, dg, d_initial = torch.ops.dig.gla_backward(q, k, v, g, initial_state, states, do, d_final_state,
+                                                           ctx.scale)
+    return dq, dk, dv, dg, None, (d_initial if initial_state is not None else None)
 
 
 _gla_forward.register_autograd(_gla_gradients, setup_context=_save_for_backward)
@@ -524,6 +612,9 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     logsigmoid(x) / 16) pass check_gate=False. An unchecked positive gate makes exp(G_i - G_j) grow instead
     of decay: results stay right while the summed gates fit float32 and turn to inf or NaN after that.
     """
+    if not HAS_TRITON:
+        raise RuntimeError("chunk_gla runs Triton kernels, and Triton is not installed (it ships for Linux: "
+                           "pip install triton); chunk_gla_torch computes the same on any device without it")
     _check_inputs(q, k, v, g, initial_state)
     K, V = q.shape[-1], v.shape[-1]
     if K not in HEAD_DIMS or V not in HEAD_DIMS:
@@ -541,16 +632,48 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     if check_gate:
         _check_gate(g)
     scale = K ** -0.5 if scale is None else float(scale)
-    o, h = torch.ops.dig.gla_forward(q, k, v, g, scale, initial_state)
-    return o, (h[:, :, -1].clone() if output_final_state else None)
+    o, states = torch.ops.dig.gla_forward(q, k, v, g, scale, initial_state)
+    return o, (states[:, :, -1].clone() if output_final_state else None)
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 4. Benchmark: python gla_kernel.py  (on a GPU)
+# 4. Benchmark: python gla_kernel.py [--paths]  (on a GPU)
 #
-# DiG-S/2 shapes: H = 6 heads, K = 32, V = 64, B * T = 16384 tokens (B images of T tokens, 256 to 2048 px).
-# Baselines side by side: the PyTorch chunked path, softmax attention through scaled_dot_product_attention
-# (FlashAttention, head dim 64, non-causal as in DiT) and, when installed, flash-linear-attention's chunk_gla.
+# Forward + backward at DiG shapes (K = 32, V = 64; DiG-S/2 has 6 heads and 16384 tokens per step from 256 to
+# 2048 px, DiG-XL/2 18 heads), median of triton.testing.do_bench. "eager" launches every call from Python, as
+# a user calling the function gets; "graph" replays the same call captured as a CUDA graph, the GPU time
+# alone. The floor is the time to move the bytes that must move (q, k, v, g read and o written by the
+# forward; q, k, v, g, do read and dq, dk, dv, dg written by the backward) at the bandwidth of a large
+# device-to-device copy measured in the same run. Baselines side by side: softmax attention through
+# scaled_dot_product_attention (FlashAttention, head dim 64, non-causal as in DiT) and, when installed,
+# flash-linear-attention's chunk_gla.
+
+BENCH_SHAPES = [(64, 256, 6), (16, 1024, 6), (4, 4096, 6), (1, 12544, 6), (1, 16384, 6), (1, 16384, 18)]
+
+
+def _copy_bandwidth():
+    """Bytes per second of a 1 GiB device-to-device copy (read + write), the practical memory ceiling."""
+    from triton.testing import do_bench
+    x = torch.empty(2 ** 28, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), return_mode="median")
+    return 2 * x.numel() * 4 / (ms * 1e-3)
+
+
+def _fwd_bwd_ms(fn, inputs):
+    """(eager ms, graph ms) of forward + backward, medians; graph is None if the call cannot be captured."""
+    from triton.testing import do_bench, do_bench_cudagraph
+    do = torch.randn_like(fn(*inputs))
+
+    def step():
+        torch.autograd.grad(fn(*inputs), inputs, do)
+
+    eager = do_bench(step, warmup=25, rep=200, return_mode="median")
+    try:
+        graph = do_bench_cudagraph(step, rep=200, return_mode="median")
+    except Exception:   # some baselines synchronise inside, which a capture forbids
+        graph = None
+    return eager, graph
 
 
 def _bench_inputs(B, T, H, K, V, dtype, device="cuda"):
@@ -560,73 +683,51 @@ def _bench_inputs(B, T, H, K, V, dtype, device="cuda"):
     return [x.requires_grad_() for x in (q, k, v, g)]
 
 
-def _time_and_memory(fn, inputs, backward):
-    """Median ms (triton.testing.do_bench) and peak memory beyond the inputs (MB) of fn, or fn + backward."""
-    from triton.testing import do_bench
-    do = torch.randn_like(fn(*inputs))
-
-    def step():
-        out = fn(*inputs)
-        if backward:
-            out.backward(do)
-
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 1e6
-    ms = do_bench(step, warmup=25, rep=100, grad_to_none=inputs, return_mode="median")
-    return ms, peak
-
-
-def benchmark(lengths=(256, 1024, 4096, 12544, 16384), tokens=16384, H=6, K=32, V=64, dtype=torch.bfloat16):
+def benchmark(shapes=BENCH_SHAPES, K=32, V=64, dtype=torch.bfloat16, paths=False):
+    """Prints the table; with paths=True also times the one-pass and three-phase paths of every shape."""
+    global ONE_PASS_MAX_T
     try:
         from fla.ops.gla import chunk_gla as fla_chunk_gla
     except ImportError:
         fla_chunk_gla = None
-    methods = {
-        "dig chunk_gla": lambda q, k, v, g: chunk_gla(q, k, v, g, check_gate=False)[0],
-        "torch chunked": lambda q, k, v, g: chunk_gla_torch(q, k, v, g, check_gate=False)[0],
-        "sdpa (d=64)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
-    }
-    if fla_chunk_gla is not None:
-        methods["fla chunk_gla"] = lambda q, k, v, g: fla_chunk_gla(q, k, v, g)[0]
+    bandwidth = _copy_bandwidth()
+    dig = lambda q, k, v, g: chunk_gla(q, k, v, g, check_gate=False)[0]
     elem = torch.finfo(dtype).bits // 8
-    rows = []
-    for T in lengths:
-        B = max(1, tokens // T)
-        # Bytes that must move: forward reads q, k, v, g and writes o; backward reads q, k, v, g, do and
-        # writes dq, dk, dv, dg.
-        per_token = H * elem * ((3 * K + 2 * V) + (3 * K + 2 * V) + (3 * K + V))
-        gla_inputs = _bench_inputs(B, T, H, K, V, dtype)
+    print(f"GLA forward + backward on {torch.cuda.get_device_name()}, {dtype}, K={K} V={V}, torch "
+          f"{torch.__version__}, triton {triton.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    print("median ms, eager / CUDA graph; floor = bytes that must move / copy bandwidth")
+    header = f"{'B':>3} {'T':>6} {'H':>3} {'floor':>6} | {'dig eager':>9} {'graph':>6} {'x floor':>7}"
+    header += " | " + ("one-pass   three-phase (eager / graph) | " if paths else "")
+    header += f"{'fla eager':>9} {'graph':>6} | {'sdpa eager':>10} {'graph':>6}"
+    print(header)
+    saved_limit = ONE_PASS_MAX_T
+    for B, T, H in shapes:
+        floor = B * T * H * elem * (9 * K + 5 * V) / bandwidth * 1e3
+        inputs = _bench_inputs(B, T, H, K, V, dtype)
+        eager, graph = _fwd_bwd_ms(dig, inputs)
+        line = f"{B:>3} {T:>6} {H:>3} {floor:6.3f} | {eager:9.3f} {graph:6.3f} {graph / floor:6.1f}x | "
+        if paths:
+            for limit in (10 ** 9, 0):
+                ONE_PASS_MAX_T = limit
+                e, g_ = _fwd_bwd_ms(dig, inputs)
+                line += f"{e:6.3f} / {g_:6.3f}  "
+            ONE_PASS_MAX_T = saved_limit
+            line += "| "
+        fla = (lambda q, k, v, g: fla_chunk_gla(q, k, v, g)[0]) if fla_chunk_gla else None
+        e, g_ = _fwd_bwd_ms(fla, inputs) if fla else (None, None)
+        line += f"{e:9.3f} {g_:6.3f} | " if g_ is not None else (f"{e:9.3f} {'-':>6} | " if e else f"{'-':>9} {'-':>6} | ")
+        del inputs
         sdpa_inputs = [torch.randn(B, H, T, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
-        for name, fn in methods.items():
-            inputs = sdpa_inputs if name.startswith("sdpa") else gla_inputs
-            if name == "torch chunked" and T > 4096:
-                continue  # a Python loop over T / 16 chunks: too slow to be worth timing at these lengths
-            try:
-                fwd_ms, _ = _time_and_memory(fn, inputs, backward=False)
-                fb_ms, peak = _time_and_memory(fn, inputs, backward=True)
-            except torch.cuda.OutOfMemoryError:
-                rows.append((T, B, name, None, None, None, None))
-                continue
-            gbs = per_token * B * T / (fb_ms * 1e-3) / 1e9 if "gla" in name or "chunked" in name else None
-            rows.append((T, B, name, fwd_ms, fb_ms, peak, gbs))
-    print(f"\nGLA benchmark on {torch.cuda.get_device_name()}, {dtype}, H={H} K={K} V={V}, B*T={tokens}, "
-          f"torch {torch.__version__}, triton {triton.__version__}")
-    print(f"bytes that must move, forward+backward: {per_token * tokens / 1e6:.1f} MB")
-    print(f"{'T':>6} {'B':>3}  {'method':<14} {'fwd ms':>8} {'fwd+bwd ms':>11} {'peak MB':>8} {'GB/s (fwd+bwd)':>15}")
-    for T, B, name, fwd_ms, fb_ms, peak, gbs in rows:
-        if fwd_ms is None:
-            print(f"{T:>6} {B:>3}  {name:<14} {'OOM':>8}")
-            continue
-        print(f"{T:>6} {B:>3}  {name:<14} {fwd_ms:>8.3f} {fb_ms:>11.3f} {peak:>8.0f} "
-              f"{'' if gbs is None else f'{gbs:>15.0f}'}")
-    return rows
+        e, g_ = _fwd_bwd_ms(F.scaled_dot_product_attention, sdpa_inputs)
+        line += f"{e:10.3f} {g_:6.3f}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="benchmark the GLA kernel against its floor and baselines")
+    parser.add_argument("--paths", action="store_true", help="also time the one-pass and three-phase paths")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("the benchmark needs a CUDA GPU; `pytest test_dig.py` checks correctness on a CPU")
-    benchmark()
+    benchmark(paths=args.paths)
