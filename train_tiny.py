@@ -587,6 +587,9 @@ def fmt_time(seconds):
 # A judge for CIFAR-10 samples: ResNet-56 (He et al. 2015, section 4.2), with "option A" shortcuts: where a
 # stage halves the resolution and doubles the channels, the shortcut subsamples by 2 and pads the new channels
 # with zeros, so it has no weights. Attribute names match the public pretrained weights (akamaster).
+# It scores samples twice: does it see the class they were asked for, and how far are its 64 pooled features
+# of the samples, as a Gaussian, from those of the training images (the Frechet distance FID uses, here with
+# the classifier this project ships instead of an Inception network that cannot be had offline)?
 
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride):
@@ -677,7 +680,8 @@ def judge(classifier, images, labels, reference_stats, device, chunk=500):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Sampling with the EMA weights
+# Sampling with the EMA weights. A sampler calls the network once per step with the same shapes, which is
+# what CUDA graphs are for: on a GPU the EMA model is compiled and each call is a graph replay.
 
 class GraphedModel(nn.Module):
     """The network as the sampler calls it (forward, forward_with_cfg), replayed from CUDA graphs: one graph
