@@ -12,6 +12,7 @@ the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1). The interpr
 first imported, so the variable is set below, before gla_kernel, dig and train_tiny (which import triton).
 """
 
+import contextlib
 import copy
 import json
 import math
@@ -985,6 +986,46 @@ def test_train_step_is_clip_adamw_and_ema():
         torch.testing.assert_close(grad_norm, ref_norm, rtol=1e-5, atol=0)
     for a, b in zip([*model.parameters(), *ema.parameters()], [*ref.parameters(), *ref_ema.parameters()]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class StandInGraph:
+    """What a CUDA graph does, on the CPU: replay() runs again what was captured (and capturing runs nothing)."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+@pytest.mark.parametrize("already_stepped", [False, True])   # a fresh run, and a resumed one with AdamW state
+def test_graph_mode_warm_up_leaves_no_trace_cpu(monkeypatch, already_stepped):
+    # TrainStep(fast=True) warms up for three steps before capturing, then must put back weights, EMA and
+    # AdamW state exactly. With stand-ins for the stream and the graph, that path runs on a CPU: three steps
+    # there must equal three eager steps bit for bit.
+    monkeypatch.setattr(train_tiny, "side_stream", contextlib.nullcontext)
+    monkeypatch.setattr(train_tiny, "cuda_graph", lambda fn: (StandInGraph(fn), None))
+    args, _ = train_tiny.parse_args(TINY + ["--steps", "1"])
+    train_tiny.fill_defaults(args, 1)
+    cpu = torch.device("cpu")
+    x_all, y_all = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8), torch.arange(32) % 10
+    batch = lambda s: train_tiny.draw_batch(x_all, y_all, s, args, 0, 1, cpu, False, 1000, 0.1, torch.Generator())
+    results = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = train_tiny.build_model(args, 32, 3, 10)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        opt = train_tiny.make_optimizer(model, args, cpu)
+        if already_stepped:
+            train_tiny.TrainStep(model, ema, opt, dig.create_diffusion(), batch(0), 1.0, 1, fast=False)(batch(0))
+            opt.step()
+        step = train_tiny.TrainStep(model, ema, opt, dig.create_diffusion(), batch(0), 1.0, 1, fast=fast)
+        assert (step.graphs is not None) == fast
+        for s in range(3):
+            step(batch(s))
+            step.update(1e-3, 0.9)
+        results.append([*model.parameters(), *ema.parameters(),
+                        *(v for st in opt.state.values() for v in st.values())])
+    assert len(results[0]) == len(results[1])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 # --- stopping and crashing: real signals to a training process ---------------------------------------------

@@ -47,6 +47,7 @@ grey range over the grid: enough to see structure emerge, not a picture.
 """
 
 import argparse
+import contextlib
 import copy
 import csv
 import hashlib
@@ -391,7 +392,7 @@ class TrainStep:
         for k, v in batch.items():
             self.inputs[k].copy_(v)
         if self.graphs:
-            self.graphs[0].replay()
+            self.graphs[0].replay()   # = self.forward_backward()
         else:
             self.forward_backward()
         self.reduce()
@@ -401,7 +402,7 @@ class TrainStep:
         self.lr.fill_(lr)
         self.ema_weight.fill_(1.0 - ema_decay)
         if self.graphs:
-            self.graphs[1].replay()
+            self.graphs[1].replay()   # = self._update()
         else:
             self._update()
 
@@ -438,14 +439,11 @@ class TrainStep:
             return [*self.model_params, *self.ema_params,
                     *(v for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v))]
         saved = [v.clone() for v in state()]
-        side = torch.cuda.Stream()   # warm up off the default stream, as a capture needs
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with side_stream():
             for _ in range(3):
                 self.forward_backward()
                 self.reduce()
                 self._update()
-        torch.cuda.current_stream().wait_stream(side)
         # The warm-up must leave no trace: the first real step has to be the one an eager run would take.
         # AdamW state that the warm-up created is zero in a fresh optimizer (moments and step count alike).
         with torch.no_grad():
@@ -454,16 +452,28 @@ class TrainStep:
                     v.copy_(saved[i])
                 else:
                     v.zero_()
-        # The capture allocates from a private pool: hand the warm-up's cached blocks back first.
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        graphs = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graphs[0]):
-            self.forward_backward()
-        with torch.cuda.graph(graphs[1]):
-            self._update()
-        torch.cuda.synchronize()
-        return graphs
+        return cuda_graph(self.forward_backward)[0], cuda_graph(self._update)[0]
+
+
+@contextlib.contextmanager
+def side_stream():
+    """Run the body off the default stream, as the warm-up before a CUDA graph capture must."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def cuda_graph(fn):
+    """Capture fn() as a CUDA graph (it is recorded, not run): (the graph, what fn returned: tensors that
+    each replay of the graph overwrites)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()   # the capture allocates from a private pool: hand back cached blocks first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
 
 
 def make_optimizer(model, args, device):
@@ -705,15 +715,10 @@ class GraphedModel(nn.Module):
         if key not in self.graphs:
             fn = lambda *tensors: getattr(self.model, method)(*tensors, *scalars)
             static = [v.clone() for v in inputs]
-            side = torch.cuda.Stream()   # warm up (compiling, if the blocks are compiled) off the default stream
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with side_stream():   # warm up first (compiling, if the blocks are compiled)
                 for _ in range(2):
                     fn(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = fn(*static)
+            graph, out = cuda_graph(lambda: fn(*static))
             self.graphs[key] = graph, static, out
         graph, static, out = self.graphs[key]
         for buffer, v in zip(static, inputs):
