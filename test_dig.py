@@ -655,9 +655,12 @@ def test_sample_rejects_bad_arguments(trained_looking_model):
 
 # =========================================================================================================
 # 4. Training: a DiG learns (dig.py), then train_tiny.py: data loading, runs (smoke, time budget, exact
-#    resume, NaN stop, bad checkpoints, latents, two processes under torchrun with gloo), the kernel check and
-#    the ResNet-56 judge. The runs use the CPU (bitwise-exact resume needs deterministic kernels), plus one
-#    smoke run on a GPU when there is one.
+#    resume, NaN stop, bad checkpoints, latents, two processes under torchrun with gloo, more samples from a
+#    finished run), the training step against textbook clipping/AdamW/EMA, the CUDA-graph plumbing with
+#    stand-in graphs, real signals (SIGTERM, SIGINT, SIGKILL, a kill mid-checkpoint), the kernel check and the
+#    ResNet-56 judge (accuracy and Frechet distance). The runs use the CPU (bitwise-exact resume needs
+#    deterministic kernels); on a GPU, the default fast mode (compiled, CUDA graphs) is checked against eager
+#    steps and eager sampling, and run end to end with its NaN stop and resume.
 
 
 def test_every_parameter_gets_gradient_after_a_step():
@@ -1026,6 +1029,25 @@ def test_graph_mode_warm_up_leaves_no_trace_cpu(monkeypatch, already_stepped):
     assert len(results[0]) == len(results[1])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_graphed_sampling_network_plumbing_cpu(monkeypatch):
+    # GraphedModel with a stand-in graph whose replay recomputes into the captured output: one graph per
+    # shape and guidance scale, inputs copied in, outputs copied out; samples equal the plain model's.
+    def stand_in(fn):
+        out = fn()
+        return StandInGraph(lambda: out.copy_(fn())), out
+    monkeypatch.setattr(train_tiny, "side_stream", contextlib.nullcontext)
+    monkeypatch.setattr(train_tiny, "cuda_graph", stand_in)
+    model = randomize_(tiny_dig(input_size=8, in_channels=3, num_classes=10)).eval()
+    graphed = train_tiny.GraphedModel(model)
+    cpu = torch.device("cpu")
+    for cfg_scale, n in ((3.0, 4), (1.0, 4), (3.0, 2), (3.0, 4)):
+        args = types.SimpleNamespace(sample_steps=3, cfg_scale=cfg_scale, sampler="ddpm", seed=0, latents=None)
+        labels = torch.arange(n)
+        assert torch.equal(train_tiny.generate(graphed, labels, args, cpu, seed=1),
+                           train_tiny.generate(model, labels, args, cpu, seed=1))
+    assert len(graphed.graphs) == 3   # (cfg 3, 8 rows), (no cfg, 4 rows), (cfg 3, 4 rows)
 
 
 # --- stopping and crashing: real signals to a training process ---------------------------------------------
