@@ -1256,6 +1256,20 @@ def test_fast_mode_end_to_end(cifar_dir, tmp_path, capsys):
 
 
 @needs_gpu
+def test_fast_mode_latents_run(tmp_path):
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "latents.npz")
+    np.savez(path, latents=rng.standard_normal((48, 4, 8, 8)).astype(np.float32), labels=rng.integers(0, 5, 48))
+    out = str(tmp_path / "lat")
+    tiny = TINY[:1] + ["DiG-S/2"] + TINY[2:-1] + ["cuda"]
+    assert train_tiny.main(tiny + ["--latents", path, "--out", out, "--steps", "3"])["step"] == 3
+    assert os.path.exists(os.path.join(out, "samples_0000003.png"))
+    more = train_tiny.main(["--resume", out, "--sample", "7"])
+    with np.load(more["npz"]) as f:
+        assert f["latents"].shape == (7, 4, 8, 8) and np.isfinite(f["latents"]).all()
+
+
+@needs_gpu
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 def test_graphed_sampling_equals_eager_sampling(cfg_scale):
     device = torch.device("cuda")
