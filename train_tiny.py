@@ -1033,11 +1033,11 @@ def train(args, ckpt, rank, world, device):
             progress.pause(time.time() - t_pause)
             if time_up:
                 break
-
-    # The end: a final checkpoint and sample grid (unless this step already has them), the loss curve, and
-    # with --classifier the class accuracy and Frechet distance of samples judged by the ResNet-56.
-    if last_ckpt_step != step or not os.path.exists(ckpt_path):
-        save_state()
+        # The end: a final checkpoint (still shielded from Ctrl-C and SIGTERM) and sample grid (unless this
+        # step already has them), the loss curve, and with --classifier the class accuracy and Frechet
+        # distance of samples judged by the ResNet-56.
+        if last_ckpt_step != step or not os.path.exists(ckpt_path):
+            save_state()
     if not args.sample_every or step % args.sample_every:
         save_samples()
     result = dict(step=step, ckpt=ckpt_path, out=args.out)
