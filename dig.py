@@ -364,13 +364,15 @@ class DiffusionTransformer(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, force_drop_ids=None):
         """x: [N, in_channels, input_size, input_size]; t: [N] diffusion steps; y: [N] labels.
+        force_drop_ids: optional [N], 1 (or True) where the label is replaced by the null label; given, it
+        replaces the random label dropout of training mode (train_tiny.py draws it with the rest of a step).
         Returns [N, out_channels, input_size, input_size]: the predicted noise (and variance values)."""
         self._check_inputs(x, t, y)
         x = self.x_embedder(x).flatten(2).transpose(1, 2)   # [N, D, E, E] -> [N, T, D], tokens in raster order
         x = x.contiguous() + self.pos_embed                  # row-major: the transpose left [N, D, T] in memory
-        c = self.t_embedder(t) + self.y_embedder(y)          # [N, D]
+        c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)   # [N, D]
         x = self.run_blocks(x, c)                            # [N, T, D]
         x = self.final_layer(x, c)                           # [N, T, p*p*out_channels]
         return self.unpatchify(x)                            # [N, out_channels, H, W]

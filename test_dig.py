@@ -12,14 +12,19 @@ the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1). The interpr
 first imported, so the variable is set below, before gla_kernel, dig and train_tiny (which import triton).
 """
 
+import contextlib
 import copy
+import json
 import math
 import os
 import pickle
 import random
+import signal
 import subprocess
 import sys
 import tarfile
+import time
+import types
 
 import numpy as np
 import pytest
@@ -726,9 +731,12 @@ def test_sample_rejects_bad_arguments(trained_looking_model):
 
 # =========================================================================================================
 # 4. Training: a DiG learns (dig.py), then train_tiny.py: data loading, runs (smoke, time budget, exact
-#    resume, NaN stop, bad checkpoints, latents, two processes under torchrun with gloo), the kernel check and
-#    the ResNet-56 judge. The runs use the CPU (bitwise-exact resume needs deterministic kernels), plus one
-#    smoke run on a GPU when there is one.
+#    resume, NaN stop, bad checkpoints, latents, two processes under torchrun with gloo, more samples from a
+#    finished run), the training step against textbook clipping/AdamW/EMA, the CUDA-graph plumbing with
+#    stand-in graphs, real signals (SIGTERM, SIGINT, SIGKILL, a kill mid-checkpoint), the kernel check and the
+#    ResNet-56 judge (accuracy and Frechet distance). The runs use the CPU (bitwise-exact resume needs
+#    deterministic kernels); on a GPU, the default fast mode (compiled, CUDA graphs) is checked against eager
+#    steps and eager sampling, and run end to end with its NaN stop and resume.
 
 
 def test_every_parameter_gets_gradient_after_a_step():
@@ -998,6 +1006,361 @@ def test_torchrun_two_processes_gloo(cifar_dir, tmp_path):
     assert torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)["step"] == 2
 
 
+def test_sample_from_a_finished_run(smoke_run, cifar_dir, tmp_path):
+    out = smoke_run[0]
+    path = tmp_path / "r56.th"   # random weights: the numbers mean nothing, the pipeline is what is tested
+    torch.manual_seed(0)
+    torch.save(train_tiny.ResNet56().state_dict(), path)
+    result = train_tiny.main(["--resume", out, "--sample", "12", "--device", "cpu", "--classifier", str(path)])
+    with np.load(result["npz"]) as f:
+        images, labels = f["images"], f["labels"]
+    assert images.dtype == np.uint8 and images.shape == (12, 32, 32, 3)
+    assert labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert Image.open(result["npz"][:-4] + ".png").size == (10 * 34 + 2, 2 * 34 + 2)
+    assert 0 <= result["accuracy"] <= 1 and result["frechet_distance"] >= 0 and result["samples"] == 12
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4   # nothing trained
+    with pytest.raises(SystemExit, match="--resume"):
+        train_tiny.main(TINY + ["--data-dir", cifar_dir, "--sample", "5"])
+
+
+def test_classifier_reports_accuracy_and_frechet_distance(cifar_dir, tmp_path):
+    path = tmp_path / "r56.th"
+    torch.manual_seed(0)
+    torch.save(train_tiny.ResNet56().state_dict(), path)
+    out = str(tmp_path / "judged")
+    result = train_tiny.main(TINY + ["--data-dir", cifar_dir, "--out", out, "--steps", "1", "--classifier",
+                                     str(path), "--eval-per-class", "2"])
+    with open(os.path.join(out, "eval.json")) as f:
+        scores = json.load(f)
+    assert scores["samples"] == 20 and len(scores["per_class"]) == 10
+    assert scores["frechet_distance"] == pytest.approx(result["frechet_distance"]) and scores["frechet_distance"] > 0
+
+
+def test_train_step_is_clip_adamw_and_ema():
+    # TrainStep's flat gradient buffer, its clipping and its EMA give what the textbook calls would.
+    args, _ = train_tiny.parse_args(TINY[:-2] + ["--device", "cpu", "--steps", "1"])
+    train_tiny.fill_defaults(args, 1)
+    torch.manual_seed(0)
+    model = train_tiny.build_model(args, 32, 3, 10)
+    ref = copy.deepcopy(model)
+    ema, ref_ema = (copy.deepcopy(model).requires_grad_(False) for _ in range(2))
+    diffusion = dig.create_diffusion()
+    x_all, y_all = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.arange(16) % 10
+    batch = train_tiny.draw_batch(x_all, y_all, 0, args, 0, 1, torch.device("cpu"), False, 1000, 0.5,
+                                  torch.Generator())
+    step = train_tiny.TrainStep(model, ema, train_tiny.make_optimizer(model, args, torch.device("cpu")),
+                                diffusion, batch, 0.01, 1, fast=False)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=args.lr, weight_decay=0)
+    for _ in range(2):
+        loss, grad_norm = step(batch)
+        step.update(args.lr, 0.9)
+        ref_loss = diffusion.training_losses(ref, batch["x"], batch["t"], noise=batch["noise"], model_kwargs=dict(
+            y=batch["y"], force_drop_ids=batch["drop"]))["loss"].mean()
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.01)
+        ref_opt.step()
+        torch._foreach_lerp_(list(ref_ema.parameters()), list(ref.parameters()), 0.1)
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(grad_norm, ref_norm, rtol=1e-5, atol=0)
+    for a, b in zip([*model.parameters(), *ema.parameters()], [*ref.parameters(), *ref_ema.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class StandInGraph:
+    """What a CUDA graph does, on the CPU: replay() runs again what was captured (and capturing runs nothing)."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+@pytest.mark.parametrize("already_stepped", [False, True])   # a fresh run, and a resumed one with AdamW state
+def test_graph_mode_warm_up_leaves_no_trace_cpu(monkeypatch, already_stepped):
+    # TrainStep(fast=True) warms up for three steps before capturing, then must put back weights, EMA and
+    # AdamW state exactly. With stand-ins for the stream and the graph, that path runs on a CPU: three steps
+    # there must equal three eager steps bit for bit.
+    monkeypatch.setattr(train_tiny, "side_stream", contextlib.nullcontext)
+    monkeypatch.setattr(train_tiny, "cuda_graph", lambda fn: (StandInGraph(fn), None))
+    args, _ = train_tiny.parse_args(TINY + ["--steps", "1"])
+    train_tiny.fill_defaults(args, 1)
+    cpu = torch.device("cpu")
+    x_all, y_all = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8), torch.arange(32) % 10
+    batch = lambda s: train_tiny.draw_batch(x_all, y_all, s, args, 0, 1, cpu, False, 1000, 0.1, torch.Generator())
+    results = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = train_tiny.build_model(args, 32, 3, 10)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        opt = train_tiny.make_optimizer(model, args, cpu)
+        if already_stepped:
+            train_tiny.TrainStep(model, ema, opt, dig.create_diffusion(), batch(0), 1.0, 1, fast=False)(batch(0))
+            opt.step()
+        step = train_tiny.TrainStep(model, ema, opt, dig.create_diffusion(), batch(0), 1.0, 1, fast=fast)
+        assert (step.graphs is not None) == fast
+        for s in range(3):
+            step(batch(s))
+            step.update(1e-3, 0.9)
+        results.append([*model.parameters(), *ema.parameters(),
+                        *(v for st in opt.state.values() for v in st.values())])
+    assert len(results[0]) == len(results[1])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_graphed_sampling_network_plumbing_cpu(monkeypatch):
+    # GraphedModel with a stand-in graph whose replay recomputes into the captured output: one graph per
+    # shape and guidance scale, inputs copied in, outputs copied out; samples equal the plain model's.
+    def stand_in(fn):
+        out = fn()
+        return StandInGraph(lambda: out.copy_(fn())), out
+    monkeypatch.setattr(train_tiny, "side_stream", contextlib.nullcontext)
+    monkeypatch.setattr(train_tiny, "cuda_graph", stand_in)
+    model = randomize_(tiny_dig(input_size=8, in_channels=3, num_classes=10)).eval()
+    graphed = train_tiny.GraphedModel(model)
+    cpu = torch.device("cpu")
+    for cfg_scale, n in ((3.0, 4), (1.0, 4), (3.0, 2), (3.0, 4)):
+        args = types.SimpleNamespace(sample_steps=3, cfg_scale=cfg_scale, sampler="ddpm", seed=0, latents=None)
+        labels = torch.arange(n)
+        assert torch.equal(train_tiny.generate(graphed, labels, args, cpu, seed=1),
+                           train_tiny.generate(model, labels, args, cpu, seed=1))
+    assert len(graphed.graphs) == 3   # (cfg 3, 8 rows), (no cfg, 4 rows), (cfg 3, 4 rows)
+
+
+# --- stopping and crashing: real signals to a training process ---------------------------------------------
+
+def start_training(argv, code=None):
+    """train_tiny.py (or `python -c code`) in a child process on one thread, so its arithmetic is this one's."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable] + (["-c", code] if code else [os.path.join(HERE, "train_tiny.py")]) + argv
+    return subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_until(proc, text):
+    """The child's output up to and including the first line that contains `text`."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            return "".join(lines)
+    raise AssertionError(f"the child ended before printing {text!r}:\n" + "".join(lines)[-3000:])
+
+
+def assert_same_weights(run_a, run_b):
+    for key in ("model", "ema"):
+        a, b = weights(os.path.join(run_a, "ckpt.pt"), key), weights(os.path.join(run_b, "ckpt.pt"), key)
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"{key}.{name} differs"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_writes_checkpoint_and_resume_matches(cifar_dir, tmp_path, sig):
+    base = TINY + ["--data-dir", cifar_dir, "--sample-every", "0", "--ckpt-every", "0"]
+    out = str(tmp_path / "stopped")
+    proc = start_training(base + ["--out", out, "--steps", "100000"])
+    read_until(proc, "step 3/")
+    os.kill(proc.pid, getattr(signal, sig))
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, rest
+    assert f"stopped by {sig}" in rest and f"--resume {out}" in rest
+    reached = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
+    assert reached >= 3 and f"after step {reached};" in rest
+    train_tiny.main(["--resume", out, "--steps", str(reached + 2), "--device", "cpu"])
+    straight = str(tmp_path / "straight")
+    train_tiny.main(base + ["--out", straight, "--steps", str(reached + 2)])
+    assert_same_weights(out, straight)
+    assert [s for s, _ in train_tiny.read_log(os.path.join(out, "log.csv"))] == list(range(1, reached + 3))
+
+
+def test_sigkill_at_random_moments_loses_nothing(cifar_dir, tmp_path):
+    rng = random.Random(0)
+    base = TINY + ["--data-dir", cifar_dir, "--sample-every", "0", "--ckpt-every", "1", "--steps", "14"]
+    out = str(tmp_path / "killed")
+    for target in (2, 7):           # kill somewhere after step `target` was logged: mid-step or mid-checkpoint
+        resume = ["--resume", out] if os.path.exists(os.path.join(out, "ckpt.pt")) else ["--out", out]
+        proc = start_training(base + resume)
+        read_until(proc, f"step {target}/")
+        time.sleep(rng.uniform(0, 0.05))
+        proc.kill()
+        proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        train_tiny.load_checkpoint(out)   # always an intact checkpoint
+    assert train_tiny.main(base + ["--resume", out])["step"] == 14
+    straight = str(tmp_path / "straight")
+    train_tiny.main(base + ["--out", straight])
+    assert_same_weights(out, straight)
+    assert [s for s, _ in train_tiny.read_log(os.path.join(out, "log.csv"))] == list(range(1, 15))
+
+
+# A child whose second checkpoint write stops half-way (and waits there to be killed). The production code
+# has no hook for this: the child replaces torch.save before running train_tiny.main.
+HALF_WRITTEN_SAVE = """
+import io, sys, time, torch
+sys.path.insert(0, {here!r})
+import train_tiny
+real_save, calls = torch.save, []
+def half_save(obj, f, *args, **kwargs):
+    calls.append(1)
+    if len(calls) < 2:
+        return real_save(obj, f, *args, **kwargs)
+    buffer = io.BytesIO()
+    real_save(obj, buffer, *args, **kwargs)
+    f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+    f.flush()
+    print("HALF WRITTEN", flush=True)
+    time.sleep(120)
+torch.save = half_save
+train_tiny.main(sys.argv[1:])
+"""
+
+
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(cifar_dir, tmp_path):
+    out = str(tmp_path / "run")
+    argv = TINY + ["--data-dir", cifar_dir, "--out", out, "--sample-every", "0", "--ckpt-every", "2",
+                   "--steps", "5"]
+    proc = start_training(argv, code=HALF_WRITTEN_SAVE.format(here=HERE))
+    read_until(proc, "HALF WRITTEN")   # writing the step-4 checkpoint
+    proc.kill()
+    proc.communicate(timeout=60)
+    with pytest.raises(Exception):    # the half-written file is garbage ...
+        torch.load(os.path.join(out, "ckpt.pt.tmp"), weights_only=True)
+    assert train_tiny.load_checkpoint(out)[1]["step"] == 2   # ... and the step-2 checkpoint is intact
+    assert train_tiny.main(["--resume", out, "--device", "cpu"])["step"] == 5
+
+
+# --- the fast GPU mode: compiled and CUDA-graphed training and sampling --------------------------------------
+
+def gpu_setup(eager, batch_size=8, seed=0):
+    """A tiny DiG on the GPU with its EMA, optimizer, a batch and a TrainStep (fast unless eager)."""
+    args, _ = train_tiny.parse_args(TINY[:-1] + ["cuda", "--steps", "1"] + (["--eager"] if eager else []))
+    train_tiny.fill_defaults(args, 1)
+    device = torch.device("cuda")
+    torch.manual_seed(seed)
+    model = train_tiny.build_model(args, 32, 3, 10).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = train_tiny.make_optimizer(model, args, device)
+    diffusion = dig.create_diffusion()
+    x_all = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    batch = train_tiny.draw_batch(x_all, torch.arange(64) % 10, 0, args, 0, 1, device, False, 1000, 0.1,
+                                  torch.Generator(device=device))
+    net = model if eager else dig.compile_blocks(model)
+    return model, ema, batch, train_tiny.TrainStep(net, ema, opt, diffusion, batch, 1.0, 1, fast=not eager)
+
+
+@needs_gpu
+def test_fast_step_equals_eager_step():
+    # Same initial weights, same batch: one compiled + graphed step vs one eager step, both in bf16 autocast.
+    # Bounds: loss and gradient norm to 1% (bf16 rounding, differently fused). Weights and EMA after the
+    # update: AdamW's first step moves each weight by about lr * sign(g), so the two agree except where a tiny
+    # gradient changes sign under rounding, and there by at most 2 * lr; fewer than 1% of the elements may
+    # differ by more than lr / 10.
+    results = []
+    for eager in (True, False):
+        model, ema, batch, step = gpu_setup(eager)
+        loss, grad_norm = step(batch)
+        loss, grad_norm = loss.item(), grad_norm.item()
+        step.update(1e-3, 0.5)
+        results.append((loss, grad_norm, [p.detach().clone() for p in [*model.parameters(), *ema.parameters()]]))
+    (l0, g0, w0), (l1, g1, w1) = results
+    assert l1 == pytest.approx(l0, rel=1e-2) and g1 == pytest.approx(g0, rel=1e-2)
+    diff = torch.cat([(a - b).abs().flatten() for a, b in zip(w0, w1)])
+    assert diff.max() <= 2e-3 + 1e-6 and (diff > 1e-4).float().mean() < 0.01, (diff.max(), diff.mean())
+    moved = torch.cat([(a - b).abs().flatten() for a, b in zip(w0, gpu_setup(True)[0].parameters())])
+    assert moved.max() > 5e-4    # the step did move weights (by about lr)
+
+
+@needs_gpu
+def test_fast_step_warm_up_leaves_no_trace():
+    # Capturing runs three warm-up steps; afterwards weights, EMA and AdamW state must be as before.
+    model, ema, batch, step = gpu_setup(eager=False)
+    model0 = gpu_setup(eager=True)[0]   # the same initial weights, never stepped
+    for a, b in zip(model.parameters(), model0.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(ema.parameters(), model0.parameters()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(v, torch.zeros_like(v)) for s in step.opt.state.values() for v in s.values())
+
+
+@needs_gpu
+def test_fast_mode_nan_stop_and_resume(cifar_dir, tmp_path, monkeypatch):
+    real = train_tiny.draw_batch
+
+    def poisoned(x_all, y_all, step, *args):   # step index 4 (the 5th step) gets NaN noise
+        batch = real(x_all, y_all, step, *args)
+        if step == 4:
+            batch["noise"] = batch["noise"] * float("nan")
+        return batch
+    monkeypatch.setattr(train_tiny, "draw_batch", poisoned)
+    out = str(tmp_path / "nan")
+    argv = TINY[:-1] + ["cuda", "--data-dir", cifar_dir, "--out", out, "--ckpt-every", "2", "--sample-every", "0"]
+    with pytest.raises(SystemExit, match=r"(?s)nan.*step 5.*step 4"):
+        train_tiny.main(argv + ["--steps", "8"])
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    monkeypatch.setattr(train_tiny, "draw_batch", real)
+    assert train_tiny.main(["--resume", out, "--steps", "6"])["step"] == 6
+    # and a resumed fast run ends where an uninterrupted one does, up to GPU rounding
+    straight = str(tmp_path / "straight")
+    train_tiny.main(argv[:argv.index("--out")] + ["--out", straight, "--steps", "6", "--sample-every", "0"])
+    a, b = weights(os.path.join(out, "ckpt.pt")), weights(os.path.join(straight, "ckpt.pt"))
+    # up to rounding: each AdamW step moves a weight by at most about lr (1e-3 here), so a gradient sign that
+    # rounding flips costs at most 2 * lr per step; nearly all weights must agree much more closely.
+    diff = torch.cat([(a[name] - b[name]).abs().flatten() for name in a])
+    assert diff.max() < 6 * 2e-3 and (diff > 1e-4).float().mean() < 0.01, (diff.max(), diff.mean())
+
+
+@needs_gpu
+def test_fast_mode_end_to_end(cifar_dir, tmp_path, capsys):
+    if os.path.exists(REAL_RESNET):
+        judge = REAL_RESNET
+    else:
+        judge = str(tmp_path / "r56.th")
+        torch.save(train_tiny.ResNet56().state_dict(), judge)
+    out = str(tmp_path / "fast")
+    argv = TINY[:-1] + ["cuda", "--data-dir", cifar_dir, "--out", out, "--steps", "3", "--sample-every", "2",
+                        "--classifier", judge, "--eval-per-class", "3"]
+    result = train_tiny.main(argv)
+    assert result["step"] == 3 and 0 <= result["accuracy"] <= 1 and result["frechet_distance"] > 0
+    assert "compiled and captured in" in capsys.readouterr().out
+    for name in ("samples_0000002.png", "samples_0000003.png", "eval.json", "loss.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    more = train_tiny.main(["--resume", out, "--sample", "25"])
+    with np.load(more["npz"]) as f:
+        assert f["images"].shape == (25, 32, 32, 3) and f["labels"].shape == (25,)
+    assert "frechet_distance" in more
+
+
+@needs_gpu
+def test_fast_mode_latents_run(tmp_path):
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "latents.npz")
+    np.savez(path, latents=rng.standard_normal((48, 4, 8, 8)).astype(np.float32), labels=rng.integers(0, 5, 48))
+    out = str(tmp_path / "lat")
+    tiny = TINY[:1] + ["DiG-S/2"] + TINY[2:-1] + ["cuda"]
+    assert train_tiny.main(tiny + ["--latents", path, "--out", out, "--steps", "3"])["step"] == 3
+    assert os.path.exists(os.path.join(out, "samples_0000003.png"))
+    more = train_tiny.main(["--resume", out, "--sample", "7"])
+    with np.load(more["npz"]) as f:
+        assert f["latents"].shape == (7, 4, 8, 8) and np.isfinite(f["latents"]).all()
+
+
+@needs_gpu
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_graphed_sampling_equals_eager_sampling(cfg_scale):
+    device = torch.device("cuda")
+    model = randomize_(tiny_dig(input_size=16, in_channels=3, num_classes=10), std=0.05).to(device).eval()
+    args = types.SimpleNamespace(sample_steps=4, cfg_scale=cfg_scale, sampler="ddpm", seed=0, latents=None)
+    labels = torch.arange(10, device=device)
+    eager = train_tiny.generate(model, labels, args, device, seed=0)
+    graphed = train_tiny.generate(train_tiny.GraphedModel(model), labels, args, device, seed=0)
+    torch.testing.assert_close(graphed, eager, atol=1e-3, rtol=0)   # the same kernels, replayed
+    fast = train_tiny.sampling_network(copy.deepcopy(model), device, eager=False)   # compiled and graphed
+    for batch in (labels, labels[:3], labels):   # a second shape, then the first again
+        torch.testing.assert_close(train_tiny.generate(fast, batch, args, device, seed=0),
+                                   train_tiny.generate(model, batch, args, device, seed=0), atol=5e-2, rtol=0)
+
+
 # --- the kernel check -------------------------------------------------------------------------------------
 
 def test_gla_kernel_check_passes():  # on a CPU: fp32 in Triton's interpreter (it has no bf16)
@@ -1024,3 +1387,51 @@ def test_resnet56_matches_pretrained_weights_layout(tmp_path):
                                if "num_batches_tracked" not in k}, "best_prec1": 0.0}, path)
     judge = train_tiny.load_classifier(str(path), torch.device("cpu"))
     assert judge(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet56_frechet_distance_of_gaussians():
+    # N(m1, S1) vs N(m2, S2) with S1, S2 diagonal in one rotated basis Q: the distance is
+    # |m1 - m2|^2 + sum (sqrt(a) - sqrt(b))^2 (any common rotation leaves it unchanged).
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    a, b = rng.uniform(0.1, 4, 6), rng.uniform(0.1, 4, 6)
+    m1, m2 = rng.standard_normal(6), rng.standard_normal(6)
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    expected = ((m1 - m2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert train_tiny.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
+    assert train_tiny.frechet_distance(m1, s1, m1, s1) == pytest.approx(0, abs=1e-9)
+    # Covariances that do not commute: symmetric in its arguments, and the 1-D case is (m1-m2)^2 + (s1-s2)^2.
+    c1, c2 = (lambda m: m @ m.T)(rng.standard_normal((6, 8))), (lambda m: m @ m.T)(rng.standard_normal((6, 3)))
+    assert train_tiny.frechet_distance(m1, c1, m2, c2) == pytest.approx(
+        train_tiny.frechet_distance(m2, c2, m1, c1), rel=1e-9)
+    assert train_tiny.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1)
+
+
+SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
+REAL_RESNET = os.path.join(SHARED_DATA, "resnet56-4bfd9763.th")
+
+
+def real_cifar_images(n):
+    """The first n real CIFAR-10 training images (uint8 [n, 3, 32, 32]) and labels, from ../shared/data."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("unpack", os.path.join(SHARED_DATA, "cifar10", "unpack.py"))
+    unpack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(unpack)
+    x, y = unpack.sheet(1)
+    return torch.from_numpy(x[:n]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y[:n].astype(np.int64))
+
+
+@pytest.mark.skipif(not os.path.exists(REAL_RESNET), reason="needs ../shared/data (real CIFAR-10, ResNet-56)")
+def test_resnet56_judge_on_real_images():
+    images, labels = real_cifar_images(250)
+    cpu = torch.device("cpu")
+    judge = train_tiny.load_classifier(REAL_RESNET, cpu)
+    stats = train_tiny.feature_stats(judge, images, cpu)
+    acc, per_class, fd = train_tiny.judge(judge, images, labels, stats, cpu)
+    assert acc > 0.9 and fd == pytest.approx(0, abs=1e-6)   # training images: the classifier knows them
+    distances = []
+    for sigma in (8, 32):   # the same images with Gaussian noise of sigma grey levels: further and further
+        noisy = (images.float() + sigma * torch.randn(images.shape, generator=torch.Generator().manual_seed(0)))
+        noisy = noisy.round().clamp(0, 255).to(torch.uint8)
+        distances.append(train_tiny.frechet_distance(*train_tiny.feature_stats(judge, noisy, cpu), *stats))
+    assert 0.01 < distances[0] < distances[1], distances

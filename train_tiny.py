@@ -4,13 +4,24 @@ Train a small class-conditional DiG (or its DiT twin) on CIFAR-10 pixels or on p
     python train_tiny.py                          # GPU: DiG-S/2 on CIFAR-10 for 15 minutes; CPU: a smoke run
     python train_tiny.py --model DiT-S/2          # the softmax-attention twin, same recipe
     python train_tiny.py --classifier resnet56.th # and judge the final samples with a CIFAR-10 ResNet-56
-    torchrun --nproc_per_node=4 train_tiny.py     # several GPUs (DistributedDataParallel)
+    torchrun --nproc_per_node=4 train_tiny.py     # several GPUs (gradients averaged over processes)
     python train_tiny.py --resume runs/DiG-S-2    # continue a run exactly where its checkpoint left it
     python train_tiny.py --latents latents.npz    # train on VAE latents instead of pixels (see below)
+    python train_tiny.py --resume runs/DiG-S-2 --sample 5000   # more samples from a run, no training
 
 Everything goes into the output folder (default runs/<model>): ckpt.pt (latest checkpoint), log.csv (loss
 per logging interval), samples_<step>.png (one row per class, EMA weights), loss.png and, with --classifier,
-eval.json. Defaults depend on the device (see default_config) and every one of them can be overridden.
+eval.json (class accuracy and a Frechet distance between ResNet-56 features of samples and training images).
+With --sample N: samples_<step>_<N>.png (the first 100) and .npz (all N, uint8 images NHWC and labels).
+Defaults depend on the device (see default_config) and every one of them can be overridden.
+
+Speed. On a GPU the training step runs compiled (dig.compile_blocks) and replayed from CUDA graphs, and so
+does the network the sampler calls; compiling takes a minute or so, which counts against --minutes. --eager
+turns both off (for DiG and its DiT twin alike, so comparisons stay fair); the maths is the same either way.
+
+Stopping. Ctrl-C or SIGTERM (what a cluster scheduler sends) ends the run at the end of the current step with
+a checkpoint; --resume carries on. Checkpoints are written atomically, so even a SIGKILL (or a power cut) at
+any moment leaves the previous one intact.
 
 CIFAR-10 is read in its official python layout, DATA_DIR/cifar-10-batches-py/data_batch_{1..5}; any subset of
 the five batches works. If the folder is missing the official archive is downloaded and checked (MD5).
@@ -36,6 +47,7 @@ grey range over the grid: enough to see structure emerge, not a picture.
 """
 
 import argparse
+import contextlib
 import copy
 import csv
 import hashlib
@@ -44,6 +56,7 @@ import math
 import os
 import pickle
 import shutil
+import signal
 import tarfile
 import time
 import urllib.request
@@ -125,10 +138,18 @@ def parse_args(argv=None):
                                         "classified as the class they were asked for")
     p.add_argument("--eval-per-class", type=int, default=100, help="samples per class for --classifier")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: the resumed run's device, else cuda when there is a GPU")
+    p.add_argument("--eager", action="store_true", help="on a GPU: run the network uncompiled and without "
+                                                        "CUDA graphs (slower; the same maths)")
+    p.add_argument("--sample", type=int, metavar="N", help="with --resume: make N samples from the EMA weights "
+                   "(a grid and an .npz; scored too with --classifier) instead of training")
     args, ckpt = p.parse_args(argv), None
+    if args.sample is not None and not args.resume:
+        raise SystemExit("error: --sample N makes samples from a finished run: give --resume RUN_DIR too")
+    if args.sample is not None and args.sample < 1:
+        raise SystemExit(f"error: --sample must be at least 1; got {args.sample}")
     if args.resume:
         path, ckpt = load_checkpoint(args.resume)
-        saved = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "out")}
+        saved = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "sample", "eager")}
         p.set_defaults(**saved)
         args = p.parse_args(argv)
         network = ("model", "depth", "hidden_size", "num_heads")
@@ -306,17 +327,171 @@ def build_model(args, input_size, in_channels, num_classes):
                          f"with {size or 'its own size'}: {e}")
 
 
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-
-
 def ema_decay(step, target):
     return min(target, (1 + step) / (10 + step))
 
 
 def learning_rate(step, args):
     return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else args.lr
+
+
+# -----------------------------------------------------------------------------------------------------------
+# One training step. Everything random about a step is drawn first (draw_batch), outside the network, so the
+# step itself is a fixed computation on inputs of a fixed shape: the same maths whether it runs eagerly or is
+# replayed from a CUDA graph. It runs in three parts, so that the host sees the loss before any weight moves:
+#   1. forward_backward: the diffusion loss of this process's share of the batch, and its gradients
+#   2. reduce: gradients averaged over processes (what DistributedDataParallel does), and their norm
+#   3. update: gradient clipping, AdamW and the EMA, run only when the loss and the gradient norm are finite
+# On a GPU (unless --eager), parts 1 and 3 are each captured once as a CUDA graph and replayed every step: the
+# GPU then runs the step's hundreds of kernels without waiting for Python to launch each one.
+
+def draw_batch(x_all, y_all, step, args, rank, world, device, latent, num_timesteps, drop_prob, generator):
+    """Step `step` on this process: images (pixels in [-1, 1], randomly flipped) or latents, labels, diffusion
+    steps t, noise, and which labels are dropped for guidance. A pure function of (seed, step, rank, world):
+    a resumed run draws exactly what an uninterrupted one would."""
+    generator.manual_seed(args.seed * 1_000_003 + step * world + rank)
+    idx = batch_indices(step, len(x_all), args.batch_size, args.seed, rank, world)
+    x, y = x_all[idx].to(device), y_all[idx].to(device)
+    n = len(x)
+    if not latent:
+        x = x.float() / 127.5 - 1
+        flip = torch.rand(n, 1, 1, 1, generator=generator, device=device) < 0.5
+        x = torch.where(flip, x.flip(3), x)
+    t = torch.randint(0, num_timesteps, (n,), generator=generator, device=device)
+    noise = torch.randn(x.shape, generator=generator, device=device)
+    drop = torch.rand(n, generator=generator, device=device) < drop_prob
+    return dict(x=x, y=y, t=t, noise=noise, drop=drop)
+
+
+class TrainStep:
+    """`loss, grad_norm = step(batch)` computes the loss and the averaged gradients of a batch (weights
+    untouched); `step.update(lr, ema_decay)` then clips, steps AdamW and moves the EMA. With fast=True (CUDA
+    only) both parts are captured as CUDA graphs on construction and replayed afterwards."""
+
+    def __init__(self, model, ema, opt, diffusion, example_batch, grad_clip, world, fast):
+        self.model, self.ema, self.opt, self.diffusion = model, ema, opt, diffusion
+        self.grad_clip, self.world = grad_clip, world
+        self.model_params, self.ema_params = list(model.parameters()), list(ema.parameters())
+        trained = [p for p in self.model_params if p.requires_grad]
+        device = trained[0].device
+        # Every gradient lives in one flat buffer (each .grad is a view of its slice, which backward adds
+        # into): one zero_, one all_reduce and one norm for all of them, and fixed addresses for the graphs.
+        self.flat_grad = torch.zeros(sum(p.numel() for p in trained), device=device)
+        offset = 0
+        for p in trained:
+            p.grad = self.flat_grad[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        # Inputs and results live in fixed tensors too: a step copies its batch in and reads loss, grad_norm.
+        self.inputs = {k: v.clone() for k, v in example_batch.items()}
+        self.loss, self.grad_norm = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.lr = opt.param_groups[0]["lr"]             # a tensor, so a graph reads each step's value
+        self.ema_weight = torch.zeros((), device=device)  # 1 - EMA decay, likewise
+        self.graphs = self.capture() if fast else None
+
+    def __call__(self, batch):
+        for k, v in batch.items():
+            self.inputs[k].copy_(v)
+        if self.graphs:
+            self.graphs[0].replay()   # = self.forward_backward()
+        else:
+            self.forward_backward()
+        self.reduce()
+        return self.loss, self.grad_norm
+
+    def update(self, lr, ema_decay):
+        self.lr.fill_(lr)
+        self.ema_weight.fill_(1.0 - ema_decay)
+        if self.graphs:
+            self.graphs[1].replay()   # = self._update()
+        else:
+            self._update()
+
+    def forward_backward(self):
+        b, device = self.inputs, self.loss.device
+        self.flat_grad.zero_()
+        # Autocast's cache of bf16 weight copies must be off in a graph (it is emptied after every step).
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False):
+            losses = self.diffusion.training_losses(self.model, b["x"], b["t"], noise=b["noise"],
+                                                    model_kwargs=dict(y=b["y"], force_drop_ids=b["drop"]))
+        loss = losses["loss"].mean()
+        loss.backward()
+        self.loss.copy_(loss.detach())
+
+    def reduce(self):
+        if self.world > 1:       # every process then holds the gradient of the whole global batch
+            dist.all_reduce(self.flat_grad)
+            self.flat_grad.div_(self.world)
+        self.grad_norm.copy_(torch.linalg.vector_norm(self.flat_grad))
+
+    @torch.no_grad()
+    def _update(self):
+        # Clip as nn.utils.clip_grad_norm_ does, with the norm taken in reduce().
+        self.flat_grad.mul_((self.grad_clip / (self.grad_norm + 1e-6)).clamp(max=1.0))
+        self.opt.step()
+        # ema += (1 - decay) * (weights - ema), with the weight as a tensor (torch.lerp takes a number only)
+        delta = torch._foreach_sub(self.model_params, self.ema_params)
+        torch._foreach_mul_(delta, self.ema_weight)
+        torch._foreach_add_(self.ema_params, delta)
+
+    def capture(self):
+        """Warm up (compiling, and creating AdamW's state), put the weights back, and capture both parts."""
+        def state():   # everything a warm-up step changes
+            return [*self.model_params, *self.ema_params,
+                    *(v for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v))]
+        saved = [v.clone() for v in state()]
+        with side_stream():
+            for _ in range(3):
+                self.forward_backward()
+                self.reduce()
+                self._update()
+        # The warm-up must leave no trace: the first real step has to be the one an eager run would take.
+        # AdamW state that the warm-up created is zero in a fresh optimizer (moments and step count alike).
+        with torch.no_grad():
+            for i, v in enumerate(state()):
+                if i < len(saved):
+                    v.copy_(saved[i])
+                else:
+                    v.zero_()
+        return cuda_graph(self.forward_backward)[0], cuda_graph(self._update)[0]
+
+
+@contextlib.contextmanager
+def side_stream():
+    """Run the body off the default stream, as the warm-up before a CUDA graph capture must."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def cuda_graph(fn):
+    """Capture fn() as a CUDA graph (it is recorded, not run): (the graph, what fn returned: tensors that
+    each replay of the graph overwrites)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()   # the capture allocates from a private pool: hand back cached blocks first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
+def make_optimizer(model, args, device):
+    """AdamW, fused (one kernel for all parameters), with the learning rate as a tensor so that a CUDA graph
+    reads each step's value; capturable on a GPU (its step count stays on the GPU too)."""
+    return torch.optim.AdamW(model.parameters(), lr=torch.tensor(args.lr, device=device), weight_decay=0,
+                             fused=True, capturable=device.type == "cuda")
+
+
+def load_optimizer_state(opt, state):
+    """The moments and step counts of a checkpoint, under this run's settings (device, fused, learning-rate
+    tensor), whatever the checkpoint was written with (e.g. a GPU run continued on the CPU)."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, own in zip(opt.param_groups, settings):
+        group.update(own)
+    for p, s in opt.state.items():   # the fused kernels want the step count as float32 beside the weights
+        s["step"] = s["step"].to(device=p.device, dtype=torch.float32)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -360,7 +535,7 @@ def load_checkpoint(path):
 # Pictures, with pillow only: sample grids and the loss curve.
 
 def to_uint8_grid(x, ncol, latent=False):
-    """[N, C, H, W] in [-1, 1] (pixels) or unbounded (latents) -> HWC uint8 grid with 2-pixel gaps."""
+    """[N, C, H, W] pixels (in [-1, 1], or uint8) or latents (unbounded) -> HWC uint8 grid, 2-pixel gaps."""
     x = x.detach().float().cpu()
     if latent:  # show the first three channels, each stretched to [-1, 1] over the whole grid
         x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
@@ -368,7 +543,7 @@ def to_uint8_grid(x, ncol, latent=False):
         hi = x.amax(dim=(0, 2, 3), keepdim=True)
         x = (x - lo) / (hi - lo).clamp_min(1e-8) * 2 - 1
         x = F.interpolate(x, scale_factor=max(1, 32 // x.shape[-1]), mode="nearest")
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = x if x.dtype == torch.uint8 else to_uint8(x)
     n, c, h, w = x.shape
     nrow, pad = math.ceil(n / ncol), 2
     grid = torch.full((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), 255, dtype=torch.uint8)
@@ -422,6 +597,9 @@ def fmt_time(seconds):
 # A judge for CIFAR-10 samples: ResNet-56 (He et al. 2015, section 4.2), with "option A" shortcuts: where a
 # stage halves the resolution and doubles the channels, the shortcut subsamples by 2 and pads the new channels
 # with zeros, so it has no weights. Attribute names match the public pretrained weights (akamaster).
+# It scores samples twice: does it see the class they were asked for, and how far are its 64 pooled features
+# of the samples, as a Gaussian, from those of the training images (the Frechet distance FID uses, here with
+# the classifier this project ships instead of an Inception network that cannot be had offline)?
 
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride):
@@ -451,11 +629,14 @@ class ResNet56(nn.Module):
         self.linear = nn.Linear(64, num_classes)
 
     def forward(self, x):  # x: RGB in [0, 1], [N, 3, 32, 32]
+        return self.linear(self.features(x))
+
+    def features(self, x):  # the 64 globally average-pooled features that the final Linear reads
         mean = x.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         std = x.new_tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         x = F.relu(self.bn1(self.conv1((x - mean) / std)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.linear(x.mean(dim=(2, 3)))
+        return x.mean(dim=(2, 3))
 
 
 def load_classifier(path, device):
@@ -472,18 +653,110 @@ def load_classifier(path, device):
     return net.to(device).eval()
 
 
-# -----------------------------------------------------------------------------------------------------------
-# Sampling with the EMA weights
+@torch.no_grad()
+def feature_stats(classifier, images, device, chunk=500):
+    """Mean and covariance (float64, numpy) of the classifier's pooled features of uint8 images [N,3,32,32]."""
+    feats = torch.cat([classifier.features(images[i:i + chunk].to(device).float() / 255).double().cpu()
+                       for i in range(0, len(images), chunk)]).numpy()
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """The Frechet (2-Wasserstein) distance between Gaussians N(mu1, cov1) and N(mu2, cov2), as in FID:
+    |mu1 - mu2|^2 + Tr(cov1) + Tr(cov2) - 2 Tr((cov1^1/2 cov2 cov1^1/2)^1/2), in float64. Both roots are of
+    symmetric positive semi-definite matrices, so symmetric eigendecompositions give them (negative
+    eigenvalues are rounding and are clipped to 0)."""
+    mu1, mu2, cov1, cov2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, cov1, cov2))
+    w, v = np.linalg.eigh(cov1)
+    root1 = (v * np.sqrt(w.clip(min=0))) @ v.T
+    middle = root1 @ cov2 @ root1
+    trace_root = np.sqrt(np.linalg.eigvalsh((middle + middle.T) / 2).clip(min=0)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * trace_root)
+
 
 @torch.no_grad()
-def generate(ema, labels, args, device, seed):
+def judge(classifier, images, labels, reference_stats, device, chunk=500):
+    """How the ResNet-56 sees uint8 samples [N,3,32,32] asked for `labels`: the fraction put in the class they
+    were asked for (overall, and per class), and the Frechet distance between its pooled features of the
+    samples and reference_stats (feature_stats of the training images). Like FID, with this classifier instead
+    of Inception: 0 for two sets of images alike to the classifier; comparable only between equal numbers of
+    samples (fewer samples give larger distances)."""
+    preds = torch.cat([classifier(images[i:i + chunk].to(device).float() / 255).argmax(dim=1).cpu()
+                       for i in range(0, len(images), chunk)])
+    per_class = [((preds == labels) & (labels == c)).sum().item() / max(1, (labels == c).sum().item())
+                 for c in range(10)]
+    fd = frechet_distance(*feature_stats(classifier, images, device, chunk), *reference_stats)
+    return (preds == labels).float().mean().item(), per_class, fd
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Sampling with the EMA weights. A sampler calls the network once per step with the same shapes, which is
+# what CUDA graphs are for: on a GPU the EMA model is compiled and each call is a graph replay.
+
+class GraphedModel(nn.Module):
+    """The network as the sampler calls it (forward, forward_with_cfg), replayed from CUDA graphs: one graph
+    per input shape and guidance scale, captured on first use. Each call copies its inputs into the graph's
+    fixed input tensors, replays, and returns a copy of the fixed output. The weights are read where they
+    are, so the graphs stay valid while training moves the EMA weights in place."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.graphs = model, {}
+        self.in_channels, self.input_size, self.num_classes = model.in_channels, model.input_size, model.num_classes
+
+    def forward(self, x, t, y):
+        return self._replay("forward", (), x, t, y)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        return self._replay("forward_with_cfg", (cfg_scale,), x, t, y)
+
+    def _replay(self, method, scalars, *inputs):
+        key = (method, scalars, *((v.shape, v.dtype) for v in inputs), torch.is_autocast_enabled("cuda"))
+        if key not in self.graphs:
+            fn = lambda *tensors: getattr(self.model, method)(*tensors, *scalars)
+            static = [v.clone() for v in inputs]
+            with side_stream():   # warm up first (compiling, if the blocks are compiled)
+                for _ in range(2):
+                    fn(*static)
+            graph, out = cuda_graph(lambda: fn(*static))
+            self.graphs[key] = graph, static, out
+        graph, static, out = self.graphs[key]
+        for buffer, v in zip(static, inputs):
+            buffer.copy_(v)
+        graph.replay()
+        return out.clone()
+
+
+def sampling_network(ema, device, eager):
+    """What the sampler calls: on a GPU (unless --eager) the EMA model with compiled blocks, graph-captured."""
+    return ema if eager or device.type != "cuda" else GraphedModel(dig.compile_blocks(ema))
+
+
+@torch.no_grad()
+def generate(net, labels, args, device, seed):
     """Samples for `labels`, from noise fixed by `seed` (so grids at different steps are comparable)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    noise = torch.randn(len(labels), ema.in_channels, ema.input_size, ema.input_size, generator=g, device=device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        x = dig.sample(ema, labels, steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
+    noise = torch.randn(len(labels), net.in_channels, net.input_size, net.input_size, generator=g, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False):
+        x = dig.sample(net, labels, steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
                        noise=noise, generator=g)
     return x.float()
+
+
+@torch.no_grad()
+def generate_many(net, labels, args, device, chunk=500):
+    """Samples for many labels, `chunk` at a time (each chunk's noise seeded by its position), on the CPU:
+    uint8 images [N, C, H, W] for pixels, float latents for latents."""
+    out = []
+    for i in range(0, len(labels), chunk):
+        x = generate(net, labels[i:i + chunk].to(device), args, device, seed=args.seed + 1 + i).cpu()
+        out.append(x if args.latents else to_uint8(x))
+    return torch.cat(out)
+
+
+def to_uint8(x):
+    """Pixels in [-1, 1] -> uint8 0..255."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def grid_labels(num_classes, per_class, device):
@@ -492,18 +765,18 @@ def grid_labels(num_classes, per_class, device):
     return classes.repeat_interleave(per_class).to(device)
 
 
-@torch.no_grad()
-def classifier_accuracy(ema, classifier, args, device, chunk=500):
-    """The fraction of final samples that the classifier puts in the class they were generated for."""
-    labels = torch.arange(10, device=device).repeat_interleave(args.eval_per_class)
-    hits = torch.zeros(10)
-    for i in range(0, len(labels), chunk):
-        y = labels[i:i + chunk]
-        x = generate(ema, y, args, device, seed=args.seed + 1 + i).clamp(-1, 1)
-        pred = classifier((x + 1) / 2).argmax(dim=1)
-        hits += torch.bincount(y[pred == y].cpu(), minlength=10).float()
-    per_class = (hits / args.eval_per_class).tolist()
-    return sum(per_class) / 10, per_class
+def evaluate(net, classifier, labels, train_images, args, device, out_name, samples=None):
+    """Judge samples for `labels` (made now unless given) with the classifier: print and write out_name."""
+    samples = generate_many(net, labels, args, device) if samples is None else samples
+    acc, per_class, fd = judge(classifier, samples, labels, feature_stats(classifier, train_images, device), device)
+    print(f"ResNet-56 finds the requested class in {100 * acc:.1f}% of {len(labels)} EMA samples (cfg "
+          f"{args.cfg_scale}, {args.sample_steps} {args.sampler} steps); Frechet distance of its features to "
+          f"the training images' {fd:.2f}; per class (%): " + " ".join(f"{100 * a:.0f}" for a in per_class))
+    result = dict(accuracy=acc, per_class=per_class, frechet_distance=fd, samples=len(labels),
+                  cfg_scale=args.cfg_scale, sample_steps=args.sample_steps, sampler=args.sampler)
+    with open(os.path.join(args.out, out_name), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -572,25 +845,38 @@ def load_data(args, rank):
     return x, y, False
 
 
-def get_batch(x_all, y_all, step, args, rank, world, device, latent):
-    """This process's share of global batch `step`, on the device; pixels scaled to [-1, 1], randomly flipped."""
-    idx = batch_indices(step, len(x_all), args.batch_size, args.seed, rank, world)
-    x, y = x_all[idx].to(device), y_all[idx].to(device)
-    if not latent:
-        x = x.float() / 127.5 - 1
-        x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
-    return x, y
-
-
-def agree(loss, grad_norm, out_of_time, world):
-    """The step's one synchronisation: loss and gradient norm as floats (means over processes) and whether any
-    process has run out of time, so that all of them stop at the same step."""
-    stats = torch.stack([loss.detach().float(), grad_norm.float(),
-                         torch.tensor(float(out_of_time), device=loss.device)])
+def agree(loss, grad_norm, out_of_time, stop_requested, world):
+    """The step's one synchronisation: loss and gradient norm as floats (means over processes), and whether
+    any process has run out of time or been asked to stop, so that all of them stop at the same step."""
+    flags = torch.tensor([float(out_of_time), float(stop_requested)], device=loss.device)
+    stats = torch.cat([loss.detach().float().view(1), grad_norm.float().view(1), flags])
     if world > 1:
         dist.all_reduce(stats)
-    loss, grad_norm, late = stats.tolist()
-    return loss / world, grad_norm / world, late > 0
+    loss, grad_norm, late, stop = stats.tolist()
+    return loss / world, grad_norm / world, late > 0, stop > 0
+
+
+class StopRequests:
+    """Ctrl-C (SIGINT) and SIGTERM (what a cluster scheduler sends before it kills a job) only raise a flag
+    here; the training loop looks at it between steps, writes a checkpoint and exits cleanly. A second signal
+    of the same kind acts as it would have without this (Ctrl-C twice interrupts at once)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class Progress:
@@ -644,6 +930,7 @@ def main(argv=None):
 
 def train(args, ckpt, rank, world, device):
     master, on_gpu = rank == 0, device.type == "cuda"
+    fast = on_gpu and not args.eager
     say = print if master else (lambda *a, **k: None)
     if on_gpu:
         if args.model.startswith("DiG"):
@@ -663,16 +950,18 @@ def train(args, ckpt, rank, world, device):
     torch.manual_seed(args.seed)  # the same initial weights in every process
     model = build_model(args, size, channels, num_classes).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    opt = make_optimizer(model, args, device)
     step, elapsed_before = 0, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
+        load_optimizer_state(opt, ckpt["opt"])
         step, elapsed_before = ckpt["step"], ckpt["elapsed"]
         say(f"resuming {args.resume} at step {step}")
-    ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     diffusion = dig.create_diffusion(timestep_respacing="")
+    sampler_net = sampling_network(ema, device, eager=not fast)
+    if args.sample is not None:
+        return more_samples(sampler_net, classifier, x_all, num_classes, latent, step, args, device)
 
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if ckpt is None and os.path.exists(ckpt_path):   # never start over on top of another run's work
@@ -685,11 +974,20 @@ def train(args, ckpt, rank, world, device):
         f"{'latents' if latent else 'images'} {channels}x{size}x{size}, {num_classes} classes | "
         f"{world} process(es) on {device.type} | global batch {args.batch_size} | out {args.out}")
 
+    # budget comes from the checkpoint, so every process agrees on it. Compiling counts against it.
     budget = args.minutes * 60 - elapsed_before if args.minutes is not None else math.inf
     t_start = time.time()
     elapsed = lambda: elapsed_before + time.time() - t_start
     last_ckpt_step = step
     sample_labels = grid_labels(num_classes, 10, device)
+    generator = torch.Generator(device=device)
+    batch = lambda s: draw_batch(x_all, y_all, s, args, rank, world, device, latent, diffusion.num_timesteps,
+                                 model.y_embedder.dropout_prob, generator)
+    train_step = TrainStep(dig.compile_blocks(model) if fast else model, ema, opt, diffusion, batch(step),
+                           args.grad_clip, world, fast)
+    if fast:
+        say(f"compiled and captured in {time.time() - t_start:.0f} s (--eager: neither)")
+        progress.pause(time.time() - t_start)
 
     def save_state():
         nonlocal last_ckpt_step
@@ -699,51 +997,47 @@ def train(args, ckpt, rank, world, device):
 
     def save_samples():
         if master:
-            save_grid(generate(ema, sample_labels, args, device, seed=args.seed),
+            save_grid(generate(sampler_net, sample_labels, args, device, seed=args.seed),
                       os.path.join(args.out, f"samples_{step:07d}.png"), ncol=10, latent=latent)
 
-    # budget comes from the checkpoint, so every process agrees on it.
-    while (args.steps is None or step < args.steps) and budget > 0:
-        # Every random number of this step (flips, t, noise, label dropout) comes from (seed, step, rank), and
-        # the batch from (seed, step): resuming needs nothing but the step.
-        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)
-        x, y = get_batch(x_all, y_all, step, args, rank, world, device, latent)
-        t = torch.randint(0, diffusion.num_timesteps, (len(x),), device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            losses = diffusion.training_losses(ddp_model, x, t, model_kwargs=dict(y=y), noise=torch.randn_like(x))
-        loss = losses["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        loss, grad_norm, time_up = agree(loss, grad_norm, time.time() - t_start > budget, world)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # stop before the update spoils the weights
-            last = (f"The last good checkpoint is {ckpt_path} (step {last_ckpt_step}); no checkpoint was "
-                    f"written after it." if os.path.exists(ckpt_path) else "No checkpoint was written yet.")
-            raise SystemExit(f"error: loss {loss} (gradient norm {grad_norm}) at step {step + 1}: stopping. "
-                             f"{last} Try a lower --lr, or --resume {args.out} with another --seed.")
-        lr = learning_rate(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.step()
-        update_ema(ema, model, ema_decay(step, args.ema))
-        step += 1
-        progress.add(loss)
+    with StopRequests() as stop_requests:
+        while (args.steps is None or step < args.steps) and budget > 0:
+            # 1. forward and backward on this step's batch; loss and gradients averaged over processes
+            loss, grad_norm = train_step(batch(step))
+            loss, grad_norm, time_up, stop = agree(loss, grad_norm, time.time() - t_start > budget,
+                                                   stop_requests.received is not None, world)
+            # 2. stop before a non-finite update spoils the weights
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                last = (f"The last good checkpoint is {ckpt_path} (step {last_ckpt_step}); no checkpoint was "
+                        f"written after it." if os.path.exists(ckpt_path) else "No checkpoint was written yet.")
+                raise SystemExit(f"error: loss {loss} (gradient norm {grad_norm}) at step {step + 1}: stopping. "
+                                 f"{last} Try a lower --lr, or --resume {args.out} with another --seed.")
+            # 3. clip, AdamW, EMA
+            lr = learning_rate(step, args)
+            train_step.update(lr, ema_decay(step, args.ema))
+            step += 1
+            progress.add(loss)
 
-        if step % args.log_every == 0 or step == args.steps or time_up:
-            progress.report(step, lr, elapsed(), budget - (time.time() - t_start), args.steps)
-        t_pause = time.time()
-        if args.ckpt_every and step % args.ckpt_every == 0:
+            # 4. log, checkpoint, samples; stop when asked to (a signal) or out of time
+            if step % args.log_every == 0 or step == args.steps or time_up or stop:
+                progress.report(step, lr, elapsed(), budget - (time.time() - t_start), args.steps)
+            t_pause = time.time()
+            if (args.ckpt_every and step % args.ckpt_every == 0) or stop:
+                save_state()
+            if stop:
+                say(f"stopped by {stop_requests.received or 'a signal to another process'} after step {step}; "
+                    f"checkpoint {ckpt_path}. Continue with: python train_tiny.py --resume {args.out}")
+                return dict(step=step, ckpt=ckpt_path, out=args.out, stopped=True)
+            if args.sample_every and step % args.sample_every == 0:
+                save_samples()
+            progress.pause(time.time() - t_pause)
+            if time_up:
+                break
+        # The end: a final checkpoint (still shielded from Ctrl-C and SIGTERM) and sample grid (unless this
+        # step already has them), the loss curve, and with --classifier the class accuracy and Frechet
+        # distance of samples judged by the ResNet-56.
+        if last_ckpt_step != step or not os.path.exists(ckpt_path):
             save_state()
-        if args.sample_every and step % args.sample_every == 0:
-            save_samples()
-        progress.pause(time.time() - t_pause)
-        if time_up:
-            break
-
-    # The end: a final checkpoint and sample grid (unless this step already has them), the loss curve, and
-    # with --classifier the fraction of samples that show the class they were asked for.
-    if last_ckpt_step != step or not os.path.exists(ckpt_path):
-        save_state()
     if not args.sample_every or step % args.sample_every:
         save_samples()
     result = dict(step=step, ckpt=ckpt_path, out=args.out)
@@ -751,14 +1045,31 @@ def train(args, ckpt, rank, world, device):
         plot_loss(os.path.join(args.out, "log.csv"), os.path.join(args.out, "loss.png"))
         say(f"done: {step} steps, {fmt_time(elapsed())}; checkpoint {ckpt_path}")
     if classifier is not None:
-        acc, per_class = classifier_accuracy(ema, classifier, args, device)
-        say(f"ResNet-56 finds the requested class in {100 * acc:.1f}% of {10 * args.eval_per_class} EMA samples "
-            f"(cfg {args.cfg_scale}, {args.sample_steps} {args.sampler} steps); per class (%): "
-            + " ".join(f"{100 * a:.0f}" for a in per_class))
-        with open(os.path.join(args.out, "eval.json"), "w") as f:
-            json.dump(dict(step=step, accuracy=acc, per_class=per_class, cfg_scale=args.cfg_scale,
-                           sample_steps=args.sample_steps, sampler=args.sampler), f, indent=1)
-        result["accuracy"] = acc
+        labels = torch.arange(10).repeat_interleave(args.eval_per_class)
+        scores = evaluate(sampler_net, classifier, labels, x_all, args, device, "eval.json")
+        result.update(scores)
+    return result
+
+
+def more_samples(net, classifier, x_all, num_classes, latent, step, args, device):
+    """--sample N: N samples from the EMA weights of a run (labels 0, 1, ..., num_classes - 1, 0, 1, ...), as
+    an .npz (uint8 NHWC images, or float latents, and labels) and a grid of the first 100; judged too with
+    --classifier. Only the first process works; no training, no checkpoint."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return dict(step=step, out=args.out)
+    labels = torch.arange(args.sample) % num_classes
+    t0 = time.time()
+    x = generate_many(net, labels, args, device)
+    name = os.path.join(args.out, f"samples_{step:07d}_{args.sample}")
+    arrays = dict(latents=x.numpy()) if latent else dict(images=x.permute(0, 2, 3, 1).numpy())
+    np.savez(name + ".npz", labels=labels.numpy(), **arrays)
+    save_grid(x[:100], name + ".png", ncol=min(10, len(x)), latent=latent)
+    print(f"{args.sample} samples (cfg {args.cfg_scale}, {args.sample_steps} {args.sampler} steps) from step "
+          f"{step} in {time.time() - t0:.0f} s: {name}.npz, {name}.png")
+    result = dict(step=step, out=args.out, npz=name + ".npz")
+    if classifier is not None:
+        result.update(evaluate(net, classifier, labels, x_all, args, device, f"eval_{step:07d}_{args.sample}.json",
+                               samples=x))
     return result
 
 
