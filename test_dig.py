@@ -314,6 +314,61 @@ def test_scan_order_visits_four_directions_and_returns_to_raster():
     assert torch.equal(x, ids)
 
 
+def raster_scan_orders(side):
+    """The raster ids of the tokens at each scan position, for the four directions the spec names."""
+    grid = torch.arange(side * side).view(side, side)
+    return [grid.flatten(), grid.flatten().flip(0), grid.t().flatten(), grid.t().flatten().flip(0)]
+
+
+@pytest.mark.parametrize("depth", [4, 8, 12])
+def test_model_blocks_read_the_four_directions_and_final_layer_sees_raster(depth):
+    # Follow the tokens through the real model: with the blocks at init (the identity on each token), a
+    # token's features carry its raster id, so the input of each block and of the final layer shows the order
+    # it reads them in. The 5 x 5 grid is not symmetric under any of the orders.
+    model = tiny_dig(depth=depth, input_size=10)
+    side = model.grid_size
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0][0, :, 0].round().long()))
+             for m in list(model.blocks) + [model.final_layer]]
+    ids = torch.arange(side * side, dtype=torch.float32).view(1, -1, 1).expand(2, -1, 64)
+    x = model.run_blocks(ids, torch.randn(2, 64))
+    model.final_layer(x, torch.randn(2, 64))
+    for h in hooks:
+        h.remove()
+    orders = raster_scan_orders(side)
+    for i in range(depth):
+        assert torch.equal(seen[i], orders[i % 4]), f"block {i} of {depth} reads {seen[i].tolist()}"
+    assert torch.equal(seen[depth], orders[0]), f"the final layer of a depth-{depth} DiG does not see raster order"
+
+
+def test_each_block_mixes_tokens_along_its_own_scan_direction():
+    # Through the real blocks, flips, transposes and GLA: only block i is made non-trivial (its adaLN gates
+    # random, the other blocks stay the identity), one token is perturbed, and the trunk's raster-order
+    # output must change exactly at the tokens that come at or after it in block i's scan order (GLA is
+    # causal). Dropping the flips, the transposes, or putting them after the wrong blocks changes these sets.
+    side, depth = 5, 8
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    orders = raster_scan_orders(side)
+    for i in range(depth):
+        model = tiny_dig(depth=depth, input_size=2 * side, hidden_size=32).double()
+        with torch.no_grad():
+            w = model.blocks[i].adaLN_modulation[-1]
+            w.weight.copy_(torch.randn(w.weight.shape, generator=gen, dtype=torch.float64) * 0.2)
+            w.bias.copy_(torch.randn(w.bias.shape, generator=gen, dtype=torch.float64) * 0.2)
+        x = torch.randn(2, side * side, 32, generator=gen, dtype=torch.float64)
+        c = torch.randn(2, 32, generator=gen, dtype=torch.float64)
+        for r in torch.randint(1, side * side - 1, (2,), generator=gen).tolist():
+            x2 = x.clone()
+            x2[:, r] += torch.randn(32, generator=gen, dtype=torch.float64)   # not a constant: LayerNorm removes it
+            changed = (model.run_blocks(x2, c) - model.run_blocks(x, c)).abs().amax(dim=(0, 2)) > 0
+            order = orders[i % 4].tolist()
+            expected = torch.zeros(side * side, dtype=torch.bool)
+            expected[order[order.index(r):]] = True
+            assert torch.equal(changed, expected), (f"block {i}, token {r} (seed {seed}): changed "
+                                                    f"{changed.nonzero().flatten().tolist()}")
+
+
 def test_reorient_moves_whole_tokens():
     # Whole feature vectors move together; nothing is mixed across channels.
     x = torch.randn(2, 16, 3)
@@ -383,6 +438,7 @@ def test_compiled_blocks_match_eager():
                 torch.testing.assert_close(p_compiled.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+
 def test_swiglu_hidden_sizes():
     for dim, hidden in [(384, 1024), (768, 2048), (1024, 2816), (1152, 3072)]:
         assert dig.SwiGLU(dim).down.in_features == hidden
@@ -399,17 +455,69 @@ def test_dit_attention_variants_agree():
     torch.testing.assert_close(mat(x, t, y), out, atol=1e-5, rtol=1e-4)
 
 
-SPEC_PARAMS = {"DiG-S/2": 33.1e6, "DiG-B/2": 130.8e6, "DiG-L/2": 465e6, "DiG-XL/2": 676e6,
-               "DiT-S/2": 33.0e6, "DiT-B/2": 130.5e6, "DiT-L/2": 458e6, "DiT-XL/2": 675e6}
+# The spec's counts at 256 px (latent 32 x 32 x 4, 1000 classes, learned sigma), as it writes them.
+SPEC_PARAMS = {"DiG-S/2": "33.1M", "DiG-B/2": "130.8M", "DiG-L/2": "465M", "DiG-XL/2": "676M",
+               "DiT-S/2": "33.0M", "DiT-B/2": "130.5M", "DiT-L/2": "458M", "DiT-XL/2": "675M"}
+
+
+def expected_params(kind, depth, D, heads, patch, in_channels, out_channels, num_classes, side):
+    """The parameter count of DiG or DiT, summed layer by layer from the spec's description (section 2)."""
+    trunk = (in_channels * patch * patch * D + D          # patch embedding (conv with bias)
+             + side * side * D                             # frozen sin-cos position embedding
+             + (256 * D + D) + (D * D + D)                 # timestep MLP
+             + (num_classes + 1) * D                       # label table with the null row
+             + (D * 2 * D + 2 * D)                         # final adaLN
+             + D * patch * patch * out_channels + patch * patch * out_channels)   # final Linear
+    adaln = D * 6 * D + 6 * D
+    if kind == "DiG":
+        hidden = 256 * math.ceil(int(8 * D / 3) / 256)
+        gla = (D * D // 2) * 2 + D * D * 2 + D * D       # q, k (D/2); v, output gate (D); output proj
+        gla += D * 16 + 16 * D // 2 + D // 2 + D // heads  # forget gate D -> 16 -> D/2 (bias), RMSNorm weight
+        block = adaln + gla + 3 * D * hidden + 9 * D + D   # SwiGLU (bias-free), depthwise 3x3 conv with bias
+    else:
+        block = adaln + (3 * D * D + 3 * D) + (D * D + D) + (4 * D * D + 4 * D) + (4 * D * D + D)
+    return trunk + depth * block
+
+
+def count_params(name, **kwargs):
+    registry = dig.DiG_models if name.startswith("DiG") else dig.DiT_models
+    with torch.device("meta"):
+        model = registry[name](**kwargs)
+    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", SPEC_PARAMS)
 def test_parameter_counts(name):
-    registry = dig.DiG_models if name.startswith("DiG") else dig.DiT_models
-    with torch.device("meta"):
-        model = registry[name](input_size=32, in_channels=4, num_classes=1000)
-    count = sum(p.numel() for p in model.parameters())
-    assert abs(count / SPEC_PARAMS[name] - 1) < 0.01, f"{name}: {count / 1e6:.2f}M"
+    count = count_params(name, input_size=32, in_channels=4, num_classes=1000)
+    depth, D, heads = dig.SIZES[name.split("-")[1].split("/")[0]]
+    assert count == expected_params(name[:3], depth, D, heads, 2, 4, 8, 1000, 16)
+    # The spec's figure to within half a unit of its third significant digit (0.05M for S/2, where DiT-S/2
+    # and DiG-S/2 differ by 0.12M). Not the fourth: DiG-B/2 comes to 130.75M, which the spec writes 130.8M.
+    spec = float(SPEC_PARAMS[name].rstrip("M")) * 1e6
+    unit = 10.0 ** (math.floor(math.log10(spec)) - 2)
+    assert abs(count - spec) <= unit / 2, f"{name}: {count / 1e6:.3f}M, spec {SPEC_PARAMS[name]}"
+
+
+@pytest.mark.parametrize("size,patch,in_channels,learn_sigma,num_classes,input_size", [
+    ("S", 4, 3, False, 10, 32), ("B", 8, 1, True, 7, 64), ("S", 2, 4, True, 1000, 12)])
+def test_parameter_counts_follow_the_layer_formula(size, patch, in_channels, learn_sigma, num_classes, input_size):
+    depth, D, heads = dig.SIZES[size]
+    out_channels = in_channels * (2 if learn_sigma else 1)
+    for kind in ("DiG", "DiT"):
+        count = count_params(f"{kind}-{size}/{patch}", input_size=input_size, in_channels=in_channels,
+                             learn_sigma=learn_sigma, num_classes=num_classes)
+        assert count == expected_params(kind, depth, D, heads, patch, in_channels, out_channels, num_classes,
+                                        input_size // patch), kind
+
+
+def test_dig_and_dit_counts_differ_by_the_gla_block():
+    # Same trunk, different blocks: the totals of one size differ by depth times the blocks' difference.
+    for size, (depth, D, heads) in dig.SIZES.items():
+        dig_count, dit_count = (count_params(f"{k}-{size}/2", input_size=32) for k in ("DiG", "DiT"))
+        hidden = 256 * math.ceil(int(8 * D / 3) / 256)
+        dig_block = 6 * D * D + 6 * D + 4 * D * D + 16 * D + 8 * D + D // 2 + D // heads + 3 * D * hidden + 10 * D
+        dit_block = 18 * D * D + 15 * D
+        assert dig_count - dit_count == depth * (dig_block - dit_block) != 0, size
 
 
 def test_named_configs():
