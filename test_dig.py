@@ -438,6 +438,96 @@ def test_compiled_blocks_match_eager():
                 torch.testing.assert_close(p_compiled.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+class exact_fp32:
+    """No TF32 in matmuls and convolutions (both default to it on some setups): fp32 comparisons mean fp32."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def gpu_dig(input_size, seed):
+    # 4 blocks, width 128, 2 heads: head dims K = 32, V = 64 as in every named size. Everything random, the
+    # depthwise convs too, so that every parameter gets a gradient that depends on the GLA path.
+    torch.manual_seed(seed)
+    model = randomize_(tiny_dig(hidden_size=128, input_size=input_size, class_dropout_prob=0), seed=seed)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.dwconv.conv.weight.add_(0.1 * torch.randn_like(block.dwconv.conv.weight))
+    return model.cuda()
+
+
+def forward_backward(model, x, t, y, w, autocast=False):
+    """Output and {name: gradient} of sum(w * model(x, t, y))."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x, t, y)
+    (out.float() * w).sum().backward()
+    return out.float().detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                                  if p.grad is not None}
+
+
+def gpu_model_inputs(model, seed):
+    x, t, y = model_inputs(model, n=2, seed=seed)
+    w = torch.randn(2, model.out_channels, model.input_size, model.input_size,
+                    generator=torch.Generator().manual_seed(seed + 1))
+    return x.cuda(), t.cuda(), y.cuda(), w.cuda()
+
+
+@needs_gpu
+@pytest.mark.parametrize("input_size", [16, 34])   # 64 tokens; 289 tokens: four full 64-token chunks and a partial
+def test_dig_through_triton_matches_dig_through_torch_path_on_gpu(input_size, monkeypatch):
+    # The model's GPU path (the Triton kernel behind a custom operator) against the same weights through
+    # chunk_gla_torch, on the same GPU, in fp32: outputs and every parameter's gradient.
+    seed = fresh_seed()
+    model = gpu_dig(input_size, seed)
+    x, t, y, w = gpu_model_inputs(model, seed)
+    calls = []
+    triton_gla = gla_kernel.chunk_gla
+    monkeypatch.setattr(gla_kernel, "chunk_gla", lambda *a, **k: calls.append(1) or triton_gla(*a, **k))
+    with exact_fp32():
+        out, grads = forward_backward(model, x, t, y, w)
+        assert len(calls) == 4                                   # one GLA per block went through the kernel
+        monkeypatch.setattr(gla_kernel, "chunk_gla", gla_kernel.chunk_gla_torch)
+        out_ref, grads_ref = forward_backward(model, x, t, y, w)
+    assert out_ref.abs().max() > 1e-2
+    assert_close(f"output (seed {seed})", out, out_ref, 1e-4)
+    assert grads.keys() == grads_ref.keys() and len(grads) == len(list(model.parameters())) - 1   # all but pos_embed
+    for name in grads_ref:
+        assert_close(f"grad of {name} (seed {seed})", grads[name], grads_ref[name], 1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("input_size", [16, 34])
+def test_compiled_dig_matches_eager_on_gpu(input_size, monkeypatch):
+    # compile_blocks on a GPU: the GLA custom operator inside compiled blocks, with the selective
+    # recomputation policy. fp32 compiled vs fp32 eager to 1e-4; bf16 autocast compiled vs fp32 eager to 2e-2
+    # on the output and 5e-2 on each gradient (bf16 keeps 8 bits: ~4e-3 per rounding, through 4 blocks).
+    seed = fresh_seed()
+    model = gpu_dig(input_size, seed)
+    compiled = dig.compile_blocks(copy.deepcopy(model))
+    x, t, y, w = gpu_model_inputs(model, seed)
+    policy_ops = []
+    real_policy = dig._keep_matmul_inputs_and_outputs
+    monkeypatch.setattr(dig, "_keep_matmul_inputs_and_outputs",
+                        lambda ctx, op, *a, **k: policy_ops.append(op) or real_policy(ctx, op, *a, **k))
+    torch._dynamo.reset()                                      # trace afresh, so the policy is consulted
+    with exact_fp32():
+        out_ref, grads_ref = forward_backward(model, x, t, y, w)
+        out, grads = forward_backward(compiled, x, t, y, w)
+        assert torch.ops.dig.gla_forward.default in policy_ops   # the recomputation ran around the kernel
+        out_bf16, grads_bf16 = forward_backward(compiled, x, t, y, w, autocast=True)
+    assert out_ref.abs().max() > 1e-2
+    assert_close(f"compiled output (seed {seed})", out, out_ref, 1e-4)
+    assert_close(f"compiled bf16 output (seed {seed})", out_bf16, out_ref, 2e-2)
+    assert grads.keys() == grads_ref.keys() == grads_bf16.keys()
+    for name in grads_ref:
+        assert_close(f"compiled grad of {name} (seed {seed})", grads[name], grads_ref[name], 1e-4)
+        assert_close(f"compiled bf16 grad of {name} (seed {seed})", grads_bf16[name], grads_ref[name], 5e-2)
+
 
 def test_swiglu_hidden_sizes():
     for dim, hidden in [(384, 1024), (768, 2048), (1024, 2816), (1152, 3072)]:
