@@ -675,25 +675,42 @@ def diffusion():
     return dig.create_diffusion()
 
 
+def beta_by_hand(t):
+    return 1e-4 + (0.02 - 1e-4) * t / 999            # linear from 1e-4 (t = 0) to 0.02 (t = 999)
+
+
+def abar_by_hand(t):
+    """abar_t = prod_{s <= t} (1 - beta_s), one float multiplication at a time (no numpy)."""
+    prod = 1.0
+    for step in range(t + 1):
+        prod *= 1.0 - beta_by_hand(step)
+    return prod
+
+
 def test_schedule(diffusion):
-    assert diffusion.num_timesteps == 1000
-    assert diffusion.betas[0] == pytest.approx(1e-4) and diffusion.betas[-1] == pytest.approx(0.02)
-    np.testing.assert_allclose(diffusion.alphas_cumprod, np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
+    assert diffusion.num_timesteps == 1000 and len(diffusion.betas) == 1000
+    for t in [0, 1, 2, 10, 250, 500, 998, 999] + [random.randrange(1000) for _ in range(3)]:
+        assert diffusion.betas[t] == pytest.approx(beta_by_hand(t), rel=1e-12), t
+        assert diffusion.alphas_cumprod[t] == pytest.approx(abar_by_hand(t), rel=1e-10), t
+    # A landmark: sum(beta) = 10.05, so abar_999 = exp(-10.05 - sum(beta^2)/2 - ...) is about 4.04e-5.
+    assert 4.0e-5 < diffusion.alphas_cumprod[999] < 4.1e-5
 
 
 def test_q_sample_matches_closed_form(diffusion):
-    torch.manual_seed(0)
-    x0 = torch.randn(4, 3, 5, 5)
-    t = torch.tensor([0, 1, 400, 999])
-    noise = torch.randn_like(x0)
-    abar = torch.tensor(diffusion.alphas_cumprod[t.numpy()], dtype=torch.float32).view(-1, 1, 1, 1)
-    torch.testing.assert_close(diffusion.q_sample(x0, t, noise), abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
+    # Scalar cases worked out by hand: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
+    cases = [(0, 0.5, -1.2), (1, -0.9, 0.3), (400, 0.7, 2.0), (999, 1.0, -0.4), (random.randrange(1000), 0.2, 0.9)]
+    t = torch.tensor([c[0] for c in cases])
+    x0, eps = (torch.tensor([c[i] for c in cases]).view(-1, 1, 1, 1) for i in (1, 2))
+    got = diffusion.q_sample(x0, t, eps).flatten().tolist()
+    for (step, a, e), value in zip(cases, got):
+        abar = abar_by_hand(step)
+        assert value == pytest.approx(math.sqrt(abar) * a + math.sqrt(1 - abar) * e, rel=1e-6, abs=1e-7), step
     # Empirically: mean sqrt(abar) x0 and variance 1 - abar.
     x0 = torch.full((20000, 1, 1, 1), 0.7)
     t = torch.full((20000,), 300)
     xt = diffusion.q_sample(x0, t)
-    abar = diffusion.alphas_cumprod[300]
-    assert xt.mean().item() == pytest.approx(math.sqrt(abar) * 0.7, abs=0.02)
+    abar = abar_by_hand(300)
+    assert xt.mean().item() == pytest.approx(math.sqrt(abar) * 0.7, abs=0.03)
     assert xt.var().item() == pytest.approx(1 - abar, rel=0.05)
 
 
@@ -753,13 +770,30 @@ def test_perfect_model_has_zero_loss(diffusion):
 
 
 def test_vb_at_t0_is_the_decoder_nll(diffusion):
-    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
-    t = torch.zeros(2, dtype=torch.long)
-    out = torch.cat([torch.zeros_like(x0), torch.zeros_like(x0)], dim=1)
-    losses = diffusion.training_losses(lambda x, t: out, x0, t, noise=torch.zeros_like(x0))
-    p = diffusion._p_from_output(out, diffusion.q_sample(x0, t, torch.zeros_like(x0)), t)
-    nll = -dig.discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"]).mean(dim=(1, 2, 3))
-    torch.testing.assert_close(losses["vb"], nll / math.log(2))
+    # At t = 0 the bound is -log2 of the Gaussian mass of x0's bin (x0 +- 1/255; the end bins reach to -inf and
+    # +inf), under the mean the model predicts and a variance between the posterior variance at t = 1 and
+    # beta_0 placed by v. Worked out here in float64 with math.erf, one scalar pixel per example.
+    cases = [  # x0, the noise in x_t, the model's eps, v
+        (0.3, 0.8, 0.1, 0.0), (-1.0, -0.5, 0.4, 1.0), (1.0, 0.2, -0.6, -1.0), (-0.2, 1.5, 0.9, 0.5),
+        (0.99, 0.1, 0.3, -0.3), (-0.9985, 0.0, -0.7, 0.2)]
+    x0, noise, eps, v = (torch.tensor([c[i] for c in cases]).view(-1, 1, 1, 1) for i in range(4))
+    t = torch.zeros(len(cases), dtype=torch.long)
+    out = torch.cat([eps, v], dim=1)
+    vb = diffusion.training_losses(lambda x, t: out, x0, t, noise=noise)["vb"].tolist()
+    beta0, beta1 = beta_by_hand(0), beta_by_hand(1)
+    abar0, abar1 = 1 - beta0, (1 - beta0) * (1 - beta1)
+    posterior_variance_1 = beta1 * (1 - abar0) / (1 - abar1)
+    Phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    for (a, n, e, v_), got in zip(cases, vb):
+        x_t = math.sqrt(abar0) * a + math.sqrt(1 - abar0) * n
+        mean = (x_t - math.sqrt(1 - abar0) * e) / math.sqrt(abar0)     # predicted x0; the posterior at t = 0 is it
+        frac = (v_ + 1) / 2
+        std = math.exp(0.5 * (frac * math.log(beta0) + (1 - frac) * math.log(posterior_variance_1)))
+        upper = Phi((a + 1 / 255 - mean) / std) if a < 0.999 else 1.0
+        lower = Phi((a - 1 / 255 - mean) / std) if a > -0.999 else 0.0
+        expected_bits = -math.log(upper - lower) / math.log(2)
+        assert 0.01 < expected_bits < 30         # no case is trivially certain or hopeless
+        assert got == pytest.approx(expected_bits, rel=1e-4), (a, n, e, v_)
 
 
 def test_respacing_keeps_the_marginals(diffusion):
@@ -797,16 +831,97 @@ def trained_looking_model():
     return randomize_(tiny_dig(in_channels=3), std=0.05).eval()
 
 
-def test_ddim_eta0_is_deterministic(trained_looking_model):
-    model = trained_looking_model
-    labels = torch.tensor([1, 2])
-    noise = torch.randn(2, 3, 8, 8)
+ABAR = torch.tensor([abar_by_hand(t) for t in range(1000)], dtype=torch.float64)   # the schedule, by hand
+
+
+class PerfectModel(torch.nn.Module):
+    """A stand-in for DiG that knows the answer: label y means the clean image x0 = table[y] (the last row is
+    the null label's), and its eps is exactly the noise that leads from that x0 to the x_t it is given,
+    eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), with the schedule worked out by hand. It records the x_t
+    and eps of every call. Guidance goes through DiG's own forward_with_cfg."""
+
+    forward_with_cfg = dig.DiffusionTransformer.forward_with_cfg
+
+    def __init__(self, table, v=0.0):
+        super().__init__()
+        self.table = table.double()
+        self.num_classes, self.in_channels, self.input_size = len(table) - 1, table.shape[1], table.shape[-1]
+        self.v = v                       # the variance value: -1 is the true posterior variance
+        self.unused = torch.nn.Parameter(torch.zeros(1))   # sample() finds the device through the parameters
+        self.seen = []
+
+    def forward(self, x, t, y):
+        abar = ABAR[t].view(-1, 1, 1, 1)
+        eps = (x.double() - abar.sqrt() * self.table[y]) / (1 - abar).sqrt()
+        self.seen.append((t[0].item(), x.clone(), eps.float()))
+        return torch.cat([eps, torch.full_like(eps, self.v)], dim=1).float()
+
+
+def perfect_model(num_classes=3, channels=2, side=4, **kwargs):
+    return PerfectModel(torch.rand(num_classes + 1, channels, side, side) * 2 - 1, **kwargs)
+
+
+@pytest.mark.parametrize("steps", [2, 10, 250, 1000])
+def test_ddim_eta0_follows_the_true_noise_to_x0(steps):
+    # DDIM with eta = 0 moves along x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) e for one fixed e: started there
+    # at t = 999, a perfect model must be handed points of that path at every respaced step and end at x0.
+    # A step that uses the wrong abar, or calls the model with the wrong original t, breaks the chain.
+    model = perfect_model()
+    labels = torch.tensor([0, 2, 1])
+    x0 = model.table[labels].float()
+    e = torch.randn_like(x0)
+    noise = math.sqrt(abar_by_hand(999)) * x0 + math.sqrt(1 - abar_by_hand(999)) * e
+    out = dig.sample(model, labels, steps=steps, sampler="ddim", noise=noise)
+    assert len(model.seen) == steps and model.seen[0][0] == 999 and model.seen[-1][0] == 0
+    for t, x, _ in model.seen:       # float32 rounding, amplified by 1 / sqrt(abar_999) = 157 on a long jump
+        on_path = math.sqrt(abar_by_hand(t)) * x0 + math.sqrt(1 - abar_by_hand(t)) * e
+        torch.testing.assert_close(x, on_path, atol=1e-4, rtol=0, msg=f"x_t at step {t} of {steps}")
+    torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
+
+
+def test_ddim_eta0_is_deterministic_and_eta1_is_not():
+    model = perfect_model()
+    labels, noise = torch.tensor([1, 2]), torch.randn(2, 2, 4, 4)
     a = dig.sample(model, labels, steps=10, sampler="ddim", noise=noise)
     torch.manual_seed(123)                                   # other global RNG state: must not matter
     b = dig.sample(model, labels, steps=10, sampler="ddim", noise=noise)
-    assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    model.seen.clear()
     c = dig.sample(model, labels, steps=10, sampler="ddim", noise=noise, eta=1.0)
-    assert not torch.equal(a, c)
+    # eta = 1 adds fresh noise on the way (the implied eps changes from step to step) but still ends at x0.
+    assert not torch.allclose(model.seen[5][2], model.seen[4][2], atol=1e-2)
+    torch.testing.assert_close(c, model.table[labels].float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_guidance_mixes_the_two_predictions(sampler):
+    # eps_guided = eps_uncond + s (eps_cond - eps_uncond) is linear in x0, so with a perfect model the guided
+    # sample is exactly x0_null + s (x0_label - x0_null). The halves of the batch must not be mixed up.
+    model = perfect_model(num_classes=5)
+    labels = torch.tensor([4, 0, 3])
+    cond, null = model.table[labels].float(), model.table[5].float()
+    for scale in (0.0, 1.0, 1.7, 4.0):
+        out = dig.sample(model, labels, steps=20, sampler=sampler, cfg_scale=scale, noise=torch.randn_like(cond),
+                         generator=torch.Generator().manual_seed(fresh_seed()))
+        torch.testing.assert_close(out, null + scale * (cond - null), atol=1e-4, rtol=0, msg=f"scale {scale}")
+
+
+def test_ddpm_keeps_the_marginals_of_a_perfect_model():
+    # Ancestral sampling with the true posterior (v = -1) and a perfect model draws x_{t-1} ~ q(x_{t-1} | x_t, x0),
+    # which keeps x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, 1 - abar_t) at every step: check the moments of the
+    # x_t the model is given, over 20,000 pixels that share one x0 value, and that the last step returns x0.
+    seed = fresh_seed()
+    model = PerfectModel(torch.full((2, 1, 100, 100), 0.8), v=-1.0)
+    labels = torch.tensor([0, 0])
+    gen = torch.Generator().manual_seed(seed)
+    noise = math.sqrt(abar_by_hand(999)) * 0.8 + math.sqrt(1 - abar_by_hand(999)) * torch.randn(2, 1, 100, 100, generator=gen)
+    out = dig.sample(model, labels, steps=25, sampler="ddpm", noise=noise, generator=gen)
+    assert len(model.seen) == 25
+    for t, x, _ in model.seen:
+        abar = abar_by_hand(t)
+        assert x.mean().item() == pytest.approx(math.sqrt(abar) * 0.8, abs=0.03), f"mean at step {t} (seed {seed})"
+        assert x.var().item() == pytest.approx(1 - abar, rel=0.06), f"variance at step {t} (seed {seed})"
+    torch.testing.assert_close(out, torch.full_like(out, 0.8), atol=1e-5, rtol=0)
 
 
 def test_ddpm_samples_are_finite_and_seeded(trained_looking_model):
