@@ -988,22 +988,40 @@ def test_every_parameter_gets_gradient_after_a_step():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_small_dig_overfits_one_batch():
-    # Fixed batch, fixed steps and fixed noise: memorising eps must drive the MSE far below its initial 1.
-    torch.manual_seed(0)
+def overfit_mixing_task(steps=150, seed=0):
+    """Train a tiny DiG on one batch that only token mixing can fit; returns the MSE at each step.
+
+    The 8 noisy inputs x_t are the same image except for its top-left patch, and each has its own random
+    noise eps everywhere. The depthwise convs are frozen at the identity, so GLA is the only way from the
+    top-left patch to the other 15 tokens: without it, the best a network can do there is the mean of the 8
+    targets, an MSE of at least 7/8 * 15/16 = 0.82 (of the initial 1).
+    """
+    torch.manual_seed(seed)
     model = tiny_dig(input_size=8, class_dropout_prob=0.0)
+    for block in model.blocks:
+        block.dwconv.requires_grad_(False)
     diffusion = dig.create_diffusion()
-    x, _, y = model_inputs(model, n=8)
-    t = torch.randint(0, 1000, (8,))
-    noise = torch.randn_like(x)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0)
+    x_t = torch.randn(1, 4, 8, 8).repeat(8, 1, 1, 1)
+    x_t[:, :, :2, :2] = torch.randn(8, 4, 2, 2)            # the only difference between the 8 inputs
+    noise = torch.randn(8, 4, 8, 8)
+    t, y = torch.full((8,), 500), torch.full((8,), 3)
+    abar = diffusion.alphas_cumprod[500]
+    x0 = (x_t - math.sqrt(1 - abar) * noise) / math.sqrt(abar)   # so that q_sample(x0, t, noise) is x_t
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0)
     mses = []
-    for _ in range(150):
-        losses = diffusion.training_losses(model, x, t, {"y": y}, noise=noise)
+    for _ in range(steps):
+        losses = diffusion.training_losses(model, x0, t, {"y": y}, noise=noise)
         opt.zero_grad()
         losses["loss"].mean().backward()
         opt.step()
         mses.append(losses["mse"].mean().item())
+    return mses
+
+
+def test_small_dig_overfits_one_batch():
+    # Fixed batch, fixed steps and fixed noise: memorising eps must drive the MSE far below its initial 1,
+    # on a batch where that needs GLA to carry information between tokens (see overfit_mixing_task).
+    mses = overfit_mixing_task()
     assert mses[0] == pytest.approx(1.0, abs=0.3)           # the model outputs 0 at init: MSE = E[noise^2]
     assert mses[-1] < mses[0] / 100, f"MSE {mses[0]:.3f} -> {mses[-1]:.3f}"
 
@@ -1153,6 +1171,39 @@ def test_resume_matches_uninterrupted_run(cifar_dir, tmp_path):
     assert [s for s, _ in train_tiny.read_log(os.path.join(split, "log.csv"))] == [1, 2, 3, 4, 5, 6]
 
 
+def test_update_ema_moves_toward_the_model_by_one_minus_decay():
+    torch.manual_seed(fresh_seed())
+    model, ema = randomize_(tiny_dig(), seed=1), randomize_(tiny_dig(), seed=2)
+    model_before = copy.deepcopy(model.state_dict())
+    ema_before = copy.deepcopy(ema.state_dict())
+    train_tiny.update_ema(ema, model, 0.9)
+    for name, p in ema.state_dict().items():
+        expected = ema_before[name] + 0.1 * (model_before[name] - ema_before[name])
+        torch.testing.assert_close(p, expected, atol=1e-7, rtol=1e-6, msg=name)
+    assert any(not torch.equal(ema_before[n], model_before[n]) for n in ema_before)   # it had somewhere to go
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, model_before[name]), f"update_ema changed the model's {name}"
+    train_tiny.update_ema(ema, model, 0.0)                   # decay 0: a copy of the model
+    for name, p in ema.state_dict().items():
+        assert torch.equal(p, model_before[name]), name
+    train_tiny.update_ema(ema, randomize_(tiny_dig(), seed=3), 1.0)   # decay 1: frozen
+    for name, p in ema.state_dict().items():
+        assert torch.equal(p, model_before[name]), name
+
+
+def test_training_run_with_ema_decay_0_keeps_ema_equal_to_model(cifar_dir, tmp_path):
+    # The run's own call of update_ema, end to end: with --ema 0 the EMA is the trained model at every step,
+    # and the model did train (its zero-initialised final layer moved).
+    out = str(tmp_path / "ema0")
+    train_tiny.main(TINY[:TINY.index("--ema")] + ["--ema", "0"] + TINY[TINY.index("--ema") + 2:]
+                    + ["--data-dir", cifar_dir, "--out", out, "--steps", "2", "--sample-every", "0"])
+    model, ema = weights(os.path.join(out, "ckpt.pt")), weights(os.path.join(out, "ckpt.pt"), "ema")
+    assert model.keys() == ema.keys()
+    for name in model:
+        assert torch.equal(model[name], ema[name]), name
+    assert model["final_layer.linear.weight"].abs().max() > 0
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar_dir, tmp_path, monkeypatch):
     real = train_tiny.dig.create_diffusion
 
@@ -1253,11 +1304,35 @@ def test_gla_kernel_check_refuses_a_wrong_kernel(monkeypatch):
 
 # --- the ResNet-56 judge ----------------------------------------------------------------------------------
 
-def test_resnet56_matches_pretrained_weights_layout(tmp_path):
-    net = train_tiny.ResNet56()
-    assert sum(p.numel() for p in net.parameters()) == 853_018  # He et al.: ResNet-56 has 0.85M parameters
-    path = tmp_path / "r56.th"  # the pretrained file's layout: {'state_dict': {'module.' + name: tensor}}
-    torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()
-                               if "num_batches_tracked" not in k}, "best_prec1": 0.0}, path)
-    judge = train_tiny.load_classifier(str(path), torch.device("cpu"))
-    assert judge(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
+
+
+def shared_cifar_images(n, seed):
+    """n of the 20,000 real CIFAR-10 training images in ../shared/data/cifar10, decoded from the WebP sheets
+    as its unpack.py does (a 100 x 100 grid of 32 x 32 images per sheet): uint8 [n, 32, 32, 3], labels [n]."""
+    folder = os.path.join(SHARED_DATA, "cifar10")
+    sheets = []
+    for i in (1, 2):
+        img = np.asarray(Image.open(os.path.join(folder, f"data_batch_{i}.webp")).convert("RGB"))
+        x = img.reshape(100, 32, 100, 32, 3).transpose(0, 2, 1, 3, 4).reshape(10000, 32, 32, 3)
+        sheets.append((x, np.load(os.path.join(folder, f"data_batch_{i}_labels.npy"))))
+    x, y = np.concatenate([s[0] for s in sheets]), np.concatenate([s[1] for s in sheets])
+    pick = np.random.default_rng(seed).choice(len(x), n, replace=False)
+    return x[pick], y[pick]
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(SHARED_DATA, "resnet56-4bfd9763.th")),
+                    reason="the pretrained ResNet-56 and real CIFAR-10 images are not in ../shared/data")
+def test_resnet56_loads_the_pretrained_weights_and_classifies_real_images():
+    judge = train_tiny.load_classifier(os.path.join(SHARED_DATA, "resnet56-4bfd9763.th"), torch.device("cpu"))
+    assert sum(p.numel() for p in judge.parameters()) == 853_018  # He et al.: ResNet-56 has 0.85M parameters
+    # The data's README: 99.985% on these training images. 500 of them, drawn afresh, in [0, 1] as the judge
+    # reads samples; 97% leaves room for a few hard images, not for wrong weights or a wrong normalisation.
+    seed = fresh_seed()
+    x, y = shared_cifar_images(500, seed)
+    assert len(set(y.tolist())) == 10
+    images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        pred = torch.cat([judge(chunk).argmax(dim=1) for chunk in images.split(100)])
+    accuracy = (pred == torch.from_numpy(y).long()).float().mean().item()
+    assert accuracy >= 0.97, f"accuracy {accuracy:.3f} on 500 real images (seed {seed})"
