@@ -810,6 +810,16 @@ def test_respacing_keeps_the_marginals(diffusion):
         dig.create_diffusion("2000")
 
 
+def test_space_timesteps_known_values():
+    # IDDPM's rule, worked out by hand: count steps at positions i * (size - 1) / (count - 1), rounded half to
+    # even (Python's round): 99/6 = 16.5 per step puts 16.5 -> 16, 49.5 -> 50, 82.5 -> 82.
+    assert dig.space_timesteps(1000, "3") == [0, 500, 999]
+    assert dig.space_timesteps(1000, "4") == [0, 333, 666, 999]
+    assert dig.space_timesteps(100, "7") == [0, 16, 33, 50, 66, 82, 99]
+    assert dig.space_timesteps(100, "2,3") == [0, 49, 50, 74, 99]    # two sections of 50: 0..49 and 50..99
+    assert dig.space_timesteps(1000, "ddim4") == [0, 250, 500, 750]
+
+
 def test_respaced_sampler_calls_the_model_with_original_steps():
     spaced = dig.create_diffusion("10")
     seen = []
