@@ -924,7 +924,8 @@ def test_ddpm_keeps_the_marginals_of_a_perfect_model():
     model = PerfectModel(torch.full((2, 1, 100, 100), 0.8), v=-1.0)
     labels = torch.tensor([0, 0])
     gen = torch.Generator().manual_seed(seed)
-    noise = math.sqrt(abar_by_hand(999)) * 0.8 + math.sqrt(1 - abar_by_hand(999)) * torch.randn(2, 1, 100, 100, generator=gen)
+    e = torch.randn(2, 1, 100, 100, generator=gen)
+    noise = math.sqrt(abar_by_hand(999)) * 0.8 + math.sqrt(1 - abar_by_hand(999)) * e      # x_999 ~ q(x_999 | x0)
     out = dig.sample(model, labels, steps=25, sampler="ddpm", noise=noise, generator=gen)
     assert len(model.seen) == 25
     for t, x, _ in model.seen:
