@@ -49,6 +49,10 @@ from gla_kernel import chunk_gla, chunk_gla_torch, naive_gla  # noqa: E402
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 DEVICE = "cuda" if GPU else "cpu"  # where the Triton kernel runs (on a CPU: in the interpreter)
 HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
+REAL_RESNET = os.path.join(SHARED_DATA, "resnet56-4bfd9763.th")
+needs_shared_data = pytest.mark.skipif(not os.path.exists(REAL_RESNET), reason="the pretrained ResNet-56 and "
+                                       "real CIFAR-10 images are not in ../shared/data")
 
 
 # =========================================================================================================
@@ -98,12 +102,12 @@ def assert_close(name, got, ref, tol, magnitude=0.0):
 
 
 GLA_RESULTS = ["o", "final_state", "dq", "dk", "dv", "dg", "d_initial_state"]
-GLA_SHAPES = [  # B, T, H, K, V: T = 1, lengths off the chunk grid, K != V
-    (2, 1, 2, 16, 32),
-    (2, 17, 2, 32, 16),
+GLA_SHAPES = [  # B, T, H, K, V: T = 1, lengths off the chunk grid, K != V both ways. Few (K, V) pairs: on a
+    (2, 1, 2, 32, 64),   # GPU each pair, dtype and path is a kernel that Triton compiles, which is most of
+    (2, 17, 2, 32, 16),  # what the GPU tests cost.
     (1, 64, 3, 16, 32),
     (2, 100, 2, 32, 64),
-    (1, 300, 2, 16, 16),
+    (1, 300, 2, 16, 32),
 ]
 
 
@@ -187,7 +191,7 @@ def test_triton_fp16_interpreter(path, monkeypatch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("shape", GLA_SHAPES + [(2, 1000, 4, 64, 64), (1, 4100, 2, 128, 128), (3, 257, 2, 32, 128)])
+@pytest.mark.parametrize("shape", GLA_SHAPES + [(2, 1000, 4, 64, 64), (1, 4100, 2, 128, 128), (3, 257, 2, 32, 64)])
 @pytest.mark.parametrize("gates", ["mild", "strong", "mixed", "edge"])
 def test_triton_half_precision_on_gpu(shape, gates, monkeypatch):
     # One float64 reference per input, checked against both paths in fp16 and bf16. One pass runs up to
@@ -395,6 +399,61 @@ def test_scan_order_visits_four_directions_and_returns_to_raster():
     assert torch.equal(x, ids)
 
 
+def raster_scan_orders(side):
+    """The raster ids of the tokens at each scan position, for the four directions the spec names."""
+    grid = torch.arange(side * side).view(side, side)
+    return [grid.flatten(), grid.flatten().flip(0), grid.t().flatten(), grid.t().flatten().flip(0)]
+
+
+@pytest.mark.parametrize("depth", [4, 8, 12])
+def test_model_blocks_read_the_four_directions_and_final_layer_sees_raster(depth):
+    # Follow the tokens through the real model: with the blocks at init (the identity on each token), a
+    # token's features carry its raster id, so the input of each block and of the final layer shows the order
+    # it reads them in. The 5 x 5 grid is not symmetric under any of the orders.
+    model = tiny_dig(depth=depth, input_size=10)
+    side = model.grid_size
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0][0, :, 0].round().long()))
+             for m in list(model.blocks) + [model.final_layer]]
+    ids = torch.arange(side * side, dtype=torch.float32).view(1, -1, 1).expand(2, -1, 64)
+    x = model.run_blocks(ids, torch.randn(2, 64))
+    model.final_layer(x, torch.randn(2, 64))
+    for h in hooks:
+        h.remove()
+    orders = raster_scan_orders(side)
+    for i in range(depth):
+        assert torch.equal(seen[i], orders[i % 4]), f"block {i} of {depth} reads {seen[i].tolist()}"
+    assert torch.equal(seen[depth], orders[0]), f"the final layer of a depth-{depth} DiG does not see raster order"
+
+
+def test_each_block_mixes_tokens_along_its_own_scan_direction():
+    # Through the real blocks, flips, transposes and GLA: only block i is made non-trivial (its adaLN gates
+    # random, the other blocks stay the identity), one token is perturbed, and the trunk's raster-order
+    # output must change exactly at the tokens that come at or after it in block i's scan order (GLA is
+    # causal). Dropping the flips, the transposes, or putting them after the wrong blocks changes these sets.
+    side, depth = 5, 8
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    orders = raster_scan_orders(side)
+    for i in range(depth):
+        model = tiny_dig(depth=depth, input_size=2 * side, hidden_size=32).double()
+        with torch.no_grad():
+            w = model.blocks[i].adaLN_modulation[-1]
+            w.weight.copy_(torch.randn(w.weight.shape, generator=gen, dtype=torch.float64) * 0.2)
+            w.bias.copy_(torch.randn(w.bias.shape, generator=gen, dtype=torch.float64) * 0.2)
+        x = torch.randn(2, side * side, 32, generator=gen, dtype=torch.float64)
+        c = torch.randn(2, 32, generator=gen, dtype=torch.float64)
+        for r in torch.randint(1, side * side - 1, (2,), generator=gen).tolist():
+            x2 = x.clone()
+            x2[:, r] += torch.randn(32, generator=gen, dtype=torch.float64)   # not a constant: LayerNorm removes it
+            changed = (model.run_blocks(x2, c) - model.run_blocks(x, c)).abs().amax(dim=(0, 2)) > 0
+            order = orders[i % 4].tolist()
+            expected = torch.zeros(side * side, dtype=torch.bool)
+            expected[order[order.index(r):]] = True
+            assert torch.equal(changed, expected), (f"block {i}, token {r} (seed {seed}): changed "
+                                                    f"{changed.nonzero().flatten().tolist()}")
+
+
 def test_reorient_moves_whole_tokens():
     # Whole feature vectors move together; nothing is mixed across channels.
     x = torch.randn(2, 16, 3)
@@ -464,6 +523,102 @@ def test_compiled_blocks_match_eager():
                 torch.testing.assert_close(p_compiled.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+class exact_fp32:
+    """No TF32 in matmuls and convolutions (both default to it on some setups): fp32 comparisons mean fp32."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def gpu_dig(input_size, seed):
+    # 4 blocks, width 128, 2 heads: head dims K = 32, V = 64 as in every named size. Everything random, the
+    # depthwise convs too, so that every parameter gets a gradient that depends on the GLA path.
+    torch.manual_seed(seed)
+    model = randomize_(tiny_dig(hidden_size=128, input_size=input_size, class_dropout_prob=0), seed=seed)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.dwconv.conv.weight.add_(0.1 * torch.randn_like(block.dwconv.conv.weight))
+    return model.cuda()
+
+
+def forward_backward(model, x, t, y, w, autocast=False):
+    """Output and {name: gradient} of sum(w * model(x, t, y))."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x, t, y)
+    (out.float() * w).sum().backward()
+    return out.float().detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                                  if p.grad is not None}
+
+
+def gpu_model_inputs(model, seed):
+    x, t, y = model_inputs(model, n=2, seed=seed)
+    w = torch.randn(2, model.out_channels, model.input_size, model.input_size,
+                    generator=torch.Generator().manual_seed(seed + 1))
+    return x.cuda(), t.cuda(), y.cuda(), w.cuda()
+
+
+@needs_gpu
+# 64 tokens (the one-pass kernel); 529 tokens (three phases: eight 64-token chunks and a partial one)
+@pytest.mark.parametrize("input_size", [16, 46])
+def test_dig_through_triton_matches_dig_through_torch_path_on_gpu(input_size, monkeypatch):
+    # The model's GPU path (the Triton kernel behind a custom operator) against the same weights through
+    # chunk_gla_torch, on the same GPU, in fp32: outputs and every parameter's gradient.
+    seed = fresh_seed()
+    model = gpu_dig(input_size, seed)
+    x, t, y, w = gpu_model_inputs(model, seed)
+    calls = []
+    triton_gla = gla_kernel.chunk_gla
+    monkeypatch.setattr(gla_kernel, "chunk_gla", lambda *a, **k: calls.append(1) or triton_gla(*a, **k))
+    with exact_fp32():
+        out, grads = forward_backward(model, x, t, y, w)
+        assert len(calls) == 4                                   # one GLA per block went through the kernel
+        monkeypatch.setattr(gla_kernel, "chunk_gla", gla_kernel.chunk_gla_torch)
+        out_ref, grads_ref = forward_backward(model, x, t, y, w)
+    assert out_ref.abs().max() > 1e-2
+    assert_close(f"output (seed {seed})", out, out_ref, 1e-4)
+    assert grads.keys() == grads_ref.keys() and len(grads) == len(list(model.parameters())) - 1   # all but pos_embed
+    for name in grads_ref:
+        assert_close(f"grad of {name} (seed {seed})", grads[name], grads_ref[name], 1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("input_size", [46])   # each size costs a compilation; 529 tokens take three phases
+def test_compiled_dig_matches_eager_on_gpu(input_size, monkeypatch):
+    # compile_blocks on a GPU: the GLA custom operator inside compiled blocks, with the selective
+    # recomputation policy. fp32 compiled vs fp32 eager to 1e-4. bf16 autocast compiled vs fp32 eager (bf16
+    # keeps 8 bits, ~4e-3 per rounding): 2e-2 on the output, 3e-2 on all gradients together, 0.15 on each
+    # parameter's (GLA's input and gate gradients are sums of cancelling terms). Measured on an H100, 6 seeds:
+    # output up to 8.7e-3, all gradients 7.9e-3, one parameter's up to 6.4e-2.
+    seed = fresh_seed()
+    model = gpu_dig(input_size, seed)
+    compiled = dig.compile_blocks(copy.deepcopy(model))
+    x, t, y, w = gpu_model_inputs(model, seed)
+    policy_ops = []
+    real_policy = dig._keep_matmul_inputs_and_outputs
+    monkeypatch.setattr(dig, "_keep_matmul_inputs_and_outputs",
+                        lambda ctx, op, *a, **k: policy_ops.append(op) or real_policy(ctx, op, *a, **k))
+    torch._dynamo.reset()                                      # trace afresh, so the policy is consulted
+    with exact_fp32():
+        out_ref, grads_ref = forward_backward(model, x, t, y, w)
+        out, grads = forward_backward(compiled, x, t, y, w)
+        assert torch.ops.dig.gla_forward.default in policy_ops   # the recomputation ran around the kernel
+        out_bf16, grads_bf16 = forward_backward(compiled, x, t, y, w, autocast=True)
+    assert out_ref.abs().max() > 1e-2
+    assert_close(f"compiled output (seed {seed})", out, out_ref, 1e-4)
+    assert_close(f"compiled bf16 output (seed {seed})", out_bf16, out_ref, 2e-2)
+    assert grads.keys() == grads_ref.keys() == grads_bf16.keys()
+    for name in grads_ref:
+        assert_close(f"compiled grad of {name} (seed {seed})", grads[name], grads_ref[name], 1e-4)
+        assert_close(f"compiled bf16 grad of {name} (seed {seed})", grads_bf16[name], grads_ref[name], 0.15)
+    flat = lambda grads: torch.cat([g.flatten() for g in grads.values()])
+    assert_close(f"compiled bf16 gradients together (seed {seed})", flat(grads_bf16), flat(grads_ref), 3e-2)
+
+
 def test_swiglu_hidden_sizes():
     for dim, hidden in [(384, 1024), (768, 2048), (1024, 2816), (1152, 3072)]:
         assert dig.SwiGLU(dim).down.in_features == hidden
@@ -480,17 +635,69 @@ def test_dit_attention_variants_agree():
     torch.testing.assert_close(mat(x, t, y), out, atol=1e-5, rtol=1e-4)
 
 
-SPEC_PARAMS = {"DiG-S/2": 33.1e6, "DiG-B/2": 130.8e6, "DiG-L/2": 465e6, "DiG-XL/2": 676e6,
-               "DiT-S/2": 33.0e6, "DiT-B/2": 130.5e6, "DiT-L/2": 458e6, "DiT-XL/2": 675e6}
+# The spec's counts at 256 px (latent 32 x 32 x 4, 1000 classes, learned sigma), as it writes them.
+SPEC_PARAMS = {"DiG-S/2": "33.1M", "DiG-B/2": "130.8M", "DiG-L/2": "465M", "DiG-XL/2": "676M",
+               "DiT-S/2": "33.0M", "DiT-B/2": "130.5M", "DiT-L/2": "458M", "DiT-XL/2": "675M"}
+
+
+def expected_params(kind, depth, D, heads, patch, in_channels, out_channels, num_classes, side):
+    """The parameter count of DiG or DiT, summed layer by layer from the spec's description (section 2)."""
+    trunk = (in_channels * patch * patch * D + D          # patch embedding (conv with bias)
+             + side * side * D                             # frozen sin-cos position embedding
+             + (256 * D + D) + (D * D + D)                 # timestep MLP
+             + (num_classes + 1) * D                       # label table with the null row
+             + (D * 2 * D + 2 * D)                         # final adaLN
+             + D * patch * patch * out_channels + patch * patch * out_channels)   # final Linear
+    adaln = D * 6 * D + 6 * D
+    if kind == "DiG":
+        hidden = 256 * math.ceil(int(8 * D / 3) / 256)
+        gla = (D * D // 2) * 2 + D * D * 2 + D * D       # q, k (D/2); v, output gate (D); output proj
+        gla += D * 16 + 16 * D // 2 + D // 2 + D // heads  # forget gate D -> 16 -> D/2 (bias), RMSNorm weight
+        block = adaln + gla + 3 * D * hidden + 9 * D + D   # SwiGLU (bias-free), depthwise 3x3 conv with bias
+    else:
+        block = adaln + (3 * D * D + 3 * D) + (D * D + D) + (4 * D * D + 4 * D) + (4 * D * D + D)
+    return trunk + depth * block
+
+
+def count_params(name, **kwargs):
+    registry = dig.DiG_models if name.startswith("DiG") else dig.DiT_models
+    with torch.device("meta"):
+        model = registry[name](**kwargs)
+    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", SPEC_PARAMS)
 def test_parameter_counts(name):
-    registry = dig.DiG_models if name.startswith("DiG") else dig.DiT_models
-    with torch.device("meta"):
-        model = registry[name](input_size=32, in_channels=4, num_classes=1000)
-    count = sum(p.numel() for p in model.parameters())
-    assert abs(count / SPEC_PARAMS[name] - 1) < 0.01, f"{name}: {count / 1e6:.2f}M"
+    count = count_params(name, input_size=32, in_channels=4, num_classes=1000)
+    depth, D, heads = dig.SIZES[name.split("-")[1].split("/")[0]]
+    assert count == expected_params(name[:3], depth, D, heads, 2, 4, 8, 1000, 16)
+    # The spec's figure to within half a unit of its third significant digit (0.05M for S/2, where DiT-S/2
+    # and DiG-S/2 differ by 0.12M). Not the fourth: DiG-B/2 comes to 130.75M, which the spec writes 130.8M.
+    spec = float(SPEC_PARAMS[name].rstrip("M")) * 1e6
+    unit = 10.0 ** (math.floor(math.log10(spec)) - 2)
+    assert abs(count - spec) <= unit / 2, f"{name}: {count / 1e6:.3f}M, spec {SPEC_PARAMS[name]}"
+
+
+@pytest.mark.parametrize("size,patch,in_channels,learn_sigma,num_classes,input_size", [
+    ("S", 4, 3, False, 10, 32), ("B", 8, 1, True, 7, 64), ("S", 2, 4, True, 1000, 12)])
+def test_parameter_counts_follow_the_layer_formula(size, patch, in_channels, learn_sigma, num_classes, input_size):
+    depth, D, heads = dig.SIZES[size]
+    out_channels = in_channels * (2 if learn_sigma else 1)
+    for kind in ("DiG", "DiT"):
+        count = count_params(f"{kind}-{size}/{patch}", input_size=input_size, in_channels=in_channels,
+                             learn_sigma=learn_sigma, num_classes=num_classes)
+        assert count == expected_params(kind, depth, D, heads, patch, in_channels, out_channels, num_classes,
+                                        input_size // patch), kind
+
+
+def test_dig_and_dit_counts_differ_by_the_gla_block():
+    # Same trunk, different blocks: the totals of one size differ by depth times the blocks' difference.
+    for size, (depth, D, heads) in dig.SIZES.items():
+        dig_count, dit_count = (count_params(f"{k}-{size}/2", input_size=32) for k in ("DiG", "DiT"))
+        hidden = 256 * math.ceil(int(8 * D / 3) / 256)
+        dig_block = 6 * D * D + 6 * D + 4 * D * D + 16 * D + 8 * D + D // 2 + D // heads + 3 * D * hidden + 10 * D
+        dit_block = 18 * D * D + 15 * D
+        assert dig_count - dit_count == depth * (dig_block - dit_block) != 0, size
 
 
 def test_named_configs():
@@ -558,25 +765,42 @@ def diffusion():
     return dig.create_diffusion()
 
 
+def beta_by_hand(t):
+    return 1e-4 + (0.02 - 1e-4) * t / 999            # linear from 1e-4 (t = 0) to 0.02 (t = 999)
+
+
+def abar_by_hand(t):
+    """abar_t = prod_{s <= t} (1 - beta_s), one float multiplication at a time (no numpy)."""
+    prod = 1.0
+    for step in range(t + 1):
+        prod *= 1.0 - beta_by_hand(step)
+    return prod
+
+
 def test_schedule(diffusion):
-    assert diffusion.num_timesteps == 1000
-    assert diffusion.betas[0] == pytest.approx(1e-4) and diffusion.betas[-1] == pytest.approx(0.02)
-    np.testing.assert_allclose(diffusion.alphas_cumprod, np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))
+    assert diffusion.num_timesteps == 1000 and len(diffusion.betas) == 1000
+    for t in [0, 1, 2, 10, 250, 500, 998, 999] + [random.randrange(1000) for _ in range(3)]:
+        assert diffusion.betas[t] == pytest.approx(beta_by_hand(t), rel=1e-12), t
+        assert diffusion.alphas_cumprod[t] == pytest.approx(abar_by_hand(t), rel=1e-10), t
+    # A landmark: sum(beta) = 10.05, so abar_999 = exp(-10.05 - sum(beta^2)/2 - ...) is about 4.04e-5.
+    assert 4.0e-5 < diffusion.alphas_cumprod[999] < 4.1e-5
 
 
 def test_q_sample_matches_closed_form(diffusion):
-    torch.manual_seed(0)
-    x0 = torch.randn(4, 3, 5, 5)
-    t = torch.tensor([0, 1, 400, 999])
-    noise = torch.randn_like(x0)
-    abar = torch.tensor(diffusion.alphas_cumprod[t.numpy()], dtype=torch.float32).view(-1, 1, 1, 1)
-    torch.testing.assert_close(diffusion.q_sample(x0, t, noise), abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
+    # Scalar cases worked out by hand: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
+    cases = [(0, 0.5, -1.2), (1, -0.9, 0.3), (400, 0.7, 2.0), (999, 1.0, -0.4), (random.randrange(1000), 0.2, 0.9)]
+    t = torch.tensor([c[0] for c in cases])
+    x0, eps = (torch.tensor([c[i] for c in cases]).view(-1, 1, 1, 1) for i in (1, 2))
+    got = diffusion.q_sample(x0, t, eps).flatten().tolist()
+    for (step, a, e), value in zip(cases, got):
+        abar = abar_by_hand(step)
+        assert value == pytest.approx(math.sqrt(abar) * a + math.sqrt(1 - abar) * e, rel=1e-6, abs=1e-7), step
     # Empirically: mean sqrt(abar) x0 and variance 1 - abar.
     x0 = torch.full((20000, 1, 1, 1), 0.7)
     t = torch.full((20000,), 300)
     xt = diffusion.q_sample(x0, t)
-    abar = diffusion.alphas_cumprod[300]
-    assert xt.mean().item() == pytest.approx(math.sqrt(abar) * 0.7, abs=0.02)
+    abar = abar_by_hand(300)
+    assert xt.mean().item() == pytest.approx(math.sqrt(abar) * 0.7, abs=0.03)
     assert xt.var().item() == pytest.approx(1 - abar, rel=0.05)
 
 
@@ -636,13 +860,30 @@ def test_perfect_model_has_zero_loss(diffusion):
 
 
 def test_vb_at_t0_is_the_decoder_nll(diffusion):
-    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
-    t = torch.zeros(2, dtype=torch.long)
-    out = torch.cat([torch.zeros_like(x0), torch.zeros_like(x0)], dim=1)
-    losses = diffusion.training_losses(lambda x, t: out, x0, t, noise=torch.zeros_like(x0))
-    p = diffusion._p_from_output(out, diffusion.q_sample(x0, t, torch.zeros_like(x0)), t)
-    nll = -dig.discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"]).mean(dim=(1, 2, 3))
-    torch.testing.assert_close(losses["vb"], nll / math.log(2))
+    # At t = 0 the bound is -log2 of the Gaussian mass of x0's bin (x0 +- 1/255; the end bins reach to -inf and
+    # +inf), under the mean the model predicts and a variance between the posterior variance at t = 1 and
+    # beta_0 placed by v. Worked out here in float64 with math.erf, one scalar pixel per example.
+    cases = [  # x0, the noise in x_t, the model's eps, v
+        (0.3, 0.8, 0.1, 0.0), (-1.0, -0.5, 0.4, 1.0), (1.0, 0.2, -0.6, -1.0), (-0.2, 1.5, 0.9, 0.5),
+        (0.99, 0.1, 0.3, -0.3), (-0.9985, 0.0, -0.7, 0.2)]
+    x0, noise, eps, v = (torch.tensor([c[i] for c in cases]).view(-1, 1, 1, 1) for i in range(4))
+    t = torch.zeros(len(cases), dtype=torch.long)
+    out = torch.cat([eps, v], dim=1)
+    vb = diffusion.training_losses(lambda x, t: out, x0, t, noise=noise)["vb"].tolist()
+    beta0, beta1 = beta_by_hand(0), beta_by_hand(1)
+    abar0, abar1 = 1 - beta0, (1 - beta0) * (1 - beta1)
+    posterior_variance_1 = beta1 * (1 - abar0) / (1 - abar1)
+    Phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
+    for (a, n, e, v_), got in zip(cases, vb):
+        x_t = math.sqrt(abar0) * a + math.sqrt(1 - abar0) * n
+        mean = (x_t - math.sqrt(1 - abar0) * e) / math.sqrt(abar0)     # predicted x0; the posterior at t = 0 is it
+        frac = (v_ + 1) / 2
+        std = math.exp(0.5 * (frac * math.log(beta0) + (1 - frac) * math.log(posterior_variance_1)))
+        upper = Phi((a + 1 / 255 - mean) / std) if a < 0.999 else 1.0
+        lower = Phi((a - 1 / 255 - mean) / std) if a > -0.999 else 0.0
+        expected_bits = -math.log(upper - lower) / math.log(2)
+        assert 0.01 < expected_bits < 30         # no case is trivially certain or hopeless
+        assert got == pytest.approx(expected_bits, rel=1e-4), (a, n, e, v_)
 
 
 def test_respacing_keeps_the_marginals(diffusion):
@@ -657,6 +898,16 @@ def test_respacing_keeps_the_marginals(diffusion):
     np.testing.assert_allclose(dig.create_diffusion("1000").betas, diffusion.betas, rtol=1e-10)
     with pytest.raises(ValueError):
         dig.create_diffusion("2000")
+
+
+def test_space_timesteps_known_values():
+    # IDDPM's rule, worked out by hand: count steps at positions i * (size - 1) / (count - 1), rounded half to
+    # even (Python's round): 99/6 = 16.5 per step puts 16.5 -> 16, 49.5 -> 50, 82.5 -> 82.
+    assert dig.space_timesteps(1000, "3") == [0, 500, 999]
+    assert dig.space_timesteps(1000, "4") == [0, 333, 666, 999]
+    assert dig.space_timesteps(100, "7") == [0, 16, 33, 50, 66, 82, 99]
+    assert dig.space_timesteps(100, "2,3") == [0, 49, 50, 74, 99]    # two sections of 50: 0..49 and 50..99
+    assert dig.space_timesteps(1000, "ddim4") == [0, 250, 500, 750]
 
 
 def test_respaced_sampler_calls_the_model_with_original_steps():
@@ -680,16 +931,98 @@ def trained_looking_model():
     return randomize_(tiny_dig(in_channels=3), std=0.05).eval()
 
 
-def test_ddim_eta0_is_deterministic(trained_looking_model):
-    model = trained_looking_model
-    labels = torch.tensor([1, 2])
-    noise = torch.randn(2, 3, 8, 8)
+ABAR = torch.tensor([abar_by_hand(t) for t in range(1000)], dtype=torch.float64)   # the schedule, by hand
+
+
+class PerfectModel(torch.nn.Module):
+    """A stand-in for DiG that knows the answer: label y means the clean image x0 = table[y] (the last row is
+    the null label's), and its eps is exactly the noise that leads from that x0 to the x_t it is given,
+    eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), with the schedule worked out by hand. It records the x_t
+    and eps of every call. Guidance goes through DiG's own forward_with_cfg."""
+
+    forward_with_cfg = dig.DiffusionTransformer.forward_with_cfg
+
+    def __init__(self, table, v=0.0):
+        super().__init__()
+        self.table = table.double()
+        self.num_classes, self.in_channels, self.input_size = len(table) - 1, table.shape[1], table.shape[-1]
+        self.v = v                       # the variance value: -1 is the true posterior variance
+        self.unused = torch.nn.Parameter(torch.zeros(1))   # sample() finds the device through the parameters
+        self.seen = []
+
+    def forward(self, x, t, y):
+        abar = ABAR[t].view(-1, 1, 1, 1)
+        eps = (x.double() - abar.sqrt() * self.table[y]) / (1 - abar).sqrt()
+        self.seen.append((t[0].item(), x.clone(), eps.float()))
+        return torch.cat([eps, torch.full_like(eps, self.v)], dim=1).float()
+
+
+def perfect_model(num_classes=3, channels=2, side=4, **kwargs):
+    return PerfectModel(torch.rand(num_classes + 1, channels, side, side) * 2 - 1, **kwargs)
+
+
+@pytest.mark.parametrize("steps", [2, 10, 250, 1000])
+def test_ddim_eta0_follows_the_true_noise_to_x0(steps):
+    # DDIM with eta = 0 moves along x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) e for one fixed e: started there
+    # at t = 999, a perfect model must be handed points of that path at every respaced step and end at x0.
+    # A step that uses the wrong abar, or calls the model with the wrong original t, breaks the chain.
+    model = perfect_model()
+    labels = torch.tensor([0, 2, 1])
+    x0 = model.table[labels].float()
+    e = torch.randn_like(x0)
+    noise = math.sqrt(abar_by_hand(999)) * x0 + math.sqrt(1 - abar_by_hand(999)) * e
+    out = dig.sample(model, labels, steps=steps, sampler="ddim", noise=noise)
+    assert len(model.seen) == steps and model.seen[0][0] == 999 and model.seen[-1][0] == 0
+    for t, x, _ in model.seen:       # float32 rounding, amplified by 1 / sqrt(abar_999) = 157 on a long jump
+        on_path = math.sqrt(abar_by_hand(t)) * x0 + math.sqrt(1 - abar_by_hand(t)) * e
+        torch.testing.assert_close(x, on_path, atol=1e-4, rtol=0, msg=f"x_t at step {t} of {steps}")
+    torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
+
+
+def test_ddim_eta0_is_deterministic_and_eta1_is_not():
+    model = perfect_model()
+    labels, noise = torch.tensor([1, 2]), torch.randn(2, 2, 4, 4)
     a = dig.sample(model, labels, steps=10, sampler="ddim", noise=noise)
     torch.manual_seed(123)                                   # other global RNG state: must not matter
     b = dig.sample(model, labels, steps=10, sampler="ddim", noise=noise)
-    assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    model.seen.clear()
     c = dig.sample(model, labels, steps=10, sampler="ddim", noise=noise, eta=1.0)
-    assert not torch.equal(a, c)
+    # eta = 1 adds fresh noise on the way (the implied eps changes from step to step) but still ends at x0.
+    assert not torch.allclose(model.seen[5][2], model.seen[4][2], atol=1e-2)
+    torch.testing.assert_close(c, model.table[labels].float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_guidance_mixes_the_two_predictions(sampler):
+    # eps_guided = eps_uncond + s (eps_cond - eps_uncond) is linear in x0, so with a perfect model the guided
+    # sample is exactly x0_null + s (x0_label - x0_null). The halves of the batch must not be mixed up.
+    model = perfect_model(num_classes=5)
+    labels = torch.tensor([4, 0, 3])
+    cond, null = model.table[labels].float(), model.table[5].float()
+    for scale in (0.0, 1.0, 1.7, 4.0):
+        out = dig.sample(model, labels, steps=20, sampler=sampler, cfg_scale=scale, noise=torch.randn_like(cond),
+                         generator=torch.Generator().manual_seed(fresh_seed()))
+        torch.testing.assert_close(out, null + scale * (cond - null), atol=1e-4, rtol=0, msg=f"scale {scale}")
+
+
+def test_ddpm_keeps_the_marginals_of_a_perfect_model():
+    # Ancestral sampling with the true posterior (v = -1) and a perfect model draws x_{t-1} ~ q(x_{t-1} | x_t, x0),
+    # which keeps x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, 1 - abar_t) at every step: check the moments of the
+    # x_t the model is given, over 20,000 pixels that share one x0 value, and that the last step returns x0.
+    seed = fresh_seed()
+    model = PerfectModel(torch.full((2, 1, 100, 100), 0.8), v=-1.0)
+    labels = torch.tensor([0, 0])
+    gen = torch.Generator().manual_seed(seed)
+    e = torch.randn(2, 1, 100, 100, generator=gen)
+    noise = math.sqrt(abar_by_hand(999)) * 0.8 + math.sqrt(1 - abar_by_hand(999)) * e      # x_999 ~ q(x_999 | x0)
+    out = dig.sample(model, labels, steps=25, sampler="ddpm", noise=noise, generator=gen)
+    assert len(model.seen) == 25
+    for t, x, _ in model.seen:
+        abar = abar_by_hand(t)
+        assert x.mean().item() == pytest.approx(math.sqrt(abar) * 0.8, abs=0.03), f"mean at step {t} (seed {seed})"
+        assert x.var().item() == pytest.approx(1 - abar, rel=0.06), f"variance at step {t} (seed {seed})"
+    torch.testing.assert_close(out, torch.full_like(out, 0.8), atol=1e-5, rtol=0)
 
 
 def test_ddpm_samples_are_finite_and_seeded(trained_looking_model):
@@ -759,22 +1092,40 @@ def test_every_parameter_gets_gradient_after_a_step():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
-def test_small_dig_overfits_one_batch():
-    # Fixed batch, fixed steps and fixed noise: memorising eps must drive the MSE far below its initial 1.
-    torch.manual_seed(0)
+def overfit_mixing_task(steps=150, seed=0):
+    """Train a tiny DiG on one batch that only token mixing can fit; returns the MSE at each step.
+
+    The 8 noisy inputs x_t are the same image except for its top-left patch, and each has its own random
+    noise eps everywhere. The depthwise convs are frozen at the identity, so GLA is the only way from the
+    top-left patch to the other 15 tokens: without it, the best a network can do there is the mean of the 8
+    targets, an MSE of at least 7/8 * 15/16 = 0.82 (of the initial 1).
+    """
+    torch.manual_seed(seed)
     model = tiny_dig(input_size=8, class_dropout_prob=0.0)
+    for block in model.blocks:
+        block.dwconv.requires_grad_(False)
     diffusion = dig.create_diffusion()
-    x, _, y = model_inputs(model, n=8)
-    t = torch.randint(0, 1000, (8,))
-    noise = torch.randn_like(x)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0)
+    x_t = torch.randn(1, 4, 8, 8).repeat(8, 1, 1, 1)
+    x_t[:, :, :2, :2] = torch.randn(8, 4, 2, 2)            # the only difference between the 8 inputs
+    noise = torch.randn(8, 4, 8, 8)
+    t, y = torch.full((8,), 500), torch.full((8,), 3)
+    abar = diffusion.alphas_cumprod[500]
+    x0 = (x_t - math.sqrt(1 - abar) * noise) / math.sqrt(abar)   # so that q_sample(x0, t, noise) is x_t
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0)
     mses = []
-    for _ in range(150):
-        losses = diffusion.training_losses(model, x, t, {"y": y}, noise=noise)
+    for _ in range(steps):
+        losses = diffusion.training_losses(model, x0, t, {"y": y}, noise=noise)
         opt.zero_grad()
         losses["loss"].mean().backward()
         opt.step()
         mses.append(losses["mse"].mean().item())
+    return mses
+
+
+def test_small_dig_overfits_one_batch():
+    # Fixed batch, fixed steps and fixed noise: memorising eps must drive the MSE far below its initial 1,
+    # on a batch where that needs GLA to carry information between tokens (see overfit_mixing_task).
+    mses = overfit_mixing_task()
     assert mses[0] == pytest.approx(1.0, abs=0.3)           # the model outputs 0 at init: MSE = E[noise^2]
     assert mses[-1] < mses[0] / 100, f"MSE {mses[0]:.3f} -> {mses[-1]:.3f}"
 
@@ -922,6 +1273,40 @@ def test_resume_matches_uninterrupted_run(cifar_dir, tmp_path):
         for name in a:
             assert torch.equal(a[name], b[name]), f"{key}.{name} differs after resume"
     assert [s for s, _ in train_tiny.read_log(os.path.join(split, "log.csv"))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_update_ema_moves_toward_the_model_by_one_minus_decay():
+    torch.manual_seed(fresh_seed())
+    model, ema = randomize_(tiny_dig(), seed=1), randomize_(tiny_dig(), seed=2)
+    model_before = copy.deepcopy(model.state_dict())
+    ema_before = copy.deepcopy(ema.state_dict())
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
+    train_tiny.update_ema(ema_params, model_params, 0.9)
+    for name, p in ema.state_dict().items():
+        expected = ema_before[name] + 0.1 * (model_before[name] - ema_before[name])
+        torch.testing.assert_close(p, expected, atol=1e-7, rtol=1e-6, msg=name)
+    assert any(not torch.equal(ema_before[n], model_before[n]) for n in ema_before)   # it had somewhere to go
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, model_before[name]), f"update_ema changed the model's {name}"
+    train_tiny.update_ema(ema_params, model_params, 0.0)                 # decay 0: a copy of the model
+    for name, p in ema.state_dict().items():
+        assert torch.equal(p, model_before[name]), name
+    train_tiny.update_ema(ema_params, list(randomize_(tiny_dig(), seed=3).parameters()), 1.0)   # decay 1: frozen
+    for name, p in ema.state_dict().items():
+        assert torch.equal(p, model_before[name]), name
+
+
+def test_training_run_with_ema_decay_0_keeps_ema_equal_to_model(cifar_dir, tmp_path):
+    # The run's own call of update_ema, end to end: with --ema 0 the EMA is the trained model at every step,
+    # and the model did train (its zero-initialised final layer moved).
+    out = str(tmp_path / "ema0")
+    train_tiny.main(TINY[:TINY.index("--ema")] + ["--ema", "0"] + TINY[TINY.index("--ema") + 2:]
+                    + ["--data-dir", cifar_dir, "--out", out, "--steps", "2", "--sample-every", "0"])
+    model, ema = weights(os.path.join(out, "ckpt.pt")), weights(os.path.join(out, "ckpt.pt"), "ema")
+    assert model.keys() == ema.keys()
+    for name in model:
+        assert torch.equal(model[name], ema[name]), name
+    assert model["final_layer.linear.weight"].abs().max() > 0
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar_dir, tmp_path, monkeypatch):
@@ -1379,16 +1764,6 @@ def test_gla_kernel_check_refuses_a_wrong_kernel(monkeypatch):
 
 # --- the ResNet-56 judge ----------------------------------------------------------------------------------
 
-def test_resnet56_matches_pretrained_weights_layout(tmp_path):
-    net = train_tiny.ResNet56()
-    assert sum(p.numel() for p in net.parameters()) == 853_018  # He et al.: ResNet-56 has 0.85M parameters
-    path = tmp_path / "r56.th"  # the pretrained file's layout: {'state_dict': {'module.' + name: tensor}}
-    torch.save({"state_dict": {"module." + k: v for k, v in net.state_dict().items()
-                               if "num_batches_tracked" not in k}, "best_prec1": 0.0}, path)
-    judge = train_tiny.load_classifier(str(path), torch.device("cpu"))
-    assert judge(torch.rand(2, 3, 32, 32)).shape == (2, 10)
-
-
 def test_resnet56_frechet_distance_of_gaussians():
     # N(m1, S1) vs N(m2, S2) with S1, S2 diagonal in one rotated basis Q: the distance is
     # |m1 - m2|^2 + sum (sqrt(a) - sqrt(b))^2 (any common rotation leaves it unchanged).
@@ -1407,23 +1782,42 @@ def test_resnet56_frechet_distance_of_gaussians():
     assert train_tiny.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1)
 
 
-SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
-REAL_RESNET = os.path.join(SHARED_DATA, "resnet56-4bfd9763.th")
 
 
-def real_cifar_images(n):
-    """The first n real CIFAR-10 training images (uint8 [n, 3, 32, 32]) and labels, from ../shared/data."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("unpack", os.path.join(SHARED_DATA, "cifar10", "unpack.py"))
-    unpack = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(unpack)
-    x, y = unpack.sheet(1)
-    return torch.from_numpy(x[:n]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y[:n].astype(np.int64))
+def shared_cifar_images(n, seed):
+    """n of the 20,000 real CIFAR-10 training images in ../shared/data/cifar10, decoded from the WebP sheets
+    as its unpack.py does (a 100 x 100 grid of 32 x 32 images per sheet): uint8 [n, 32, 32, 3], labels [n]."""
+    folder = os.path.join(SHARED_DATA, "cifar10")
+    sheets = []
+    for i in (1, 2):
+        img = np.asarray(Image.open(os.path.join(folder, f"data_batch_{i}.webp")).convert("RGB"))
+        x = img.reshape(100, 32, 100, 32, 3).transpose(0, 2, 1, 3, 4).reshape(10000, 32, 32, 3)
+        sheets.append((x, np.load(os.path.join(folder, f"data_batch_{i}_labels.npy"))))
+    x, y = np.concatenate([s[0] for s in sheets]), np.concatenate([s[1] for s in sheets])
+    pick = np.random.default_rng(seed).choice(len(x), n, replace=False)
+    return x[pick], y[pick]
 
 
-@pytest.mark.skipif(not os.path.exists(REAL_RESNET), reason="needs ../shared/data (real CIFAR-10, ResNet-56)")
+@needs_shared_data
+def test_resnet56_loads_the_pretrained_weights_and_classifies_real_images():
+    judge = train_tiny.load_classifier(REAL_RESNET, torch.device("cpu"))
+    assert sum(p.numel() for p in judge.parameters()) == 853_018  # He et al.: ResNet-56 has 0.85M parameters
+    # The data's README: 99.985% on these training images. 500 of them, drawn afresh, in [0, 1] as the judge
+    # reads samples; 97% leaves room for a few hard images, not for wrong weights or a wrong normalisation.
+    seed = fresh_seed()
+    x, y = shared_cifar_images(500, seed)
+    assert len(set(y.tolist())) == 10
+    images = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        pred = torch.cat([judge(chunk).argmax(dim=1) for chunk in images.split(100)])
+    accuracy = (pred == torch.from_numpy(y).long()).float().mean().item()
+    assert accuracy >= 0.97, f"accuracy {accuracy:.3f} on 500 real images (seed {seed})"
+
+
+@needs_shared_data
 def test_resnet56_judge_on_real_images():
-    images, labels = real_cifar_images(250)
+    x, y = shared_cifar_images(250, fresh_seed())
+    images, labels = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y).long()
     cpu = torch.device("cpu")
     judge = train_tiny.load_classifier(REAL_RESNET, cpu)
     stats = train_tiny.feature_stats(judge, images, cpu)

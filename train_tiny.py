@@ -327,6 +327,14 @@ def build_model(args, input_size, in_channels, num_classes):
                          f"with {size or 'its own size'}: {e}")
 
 
+@torch.no_grad()
+def update_ema(ema_params, model_params, decay):
+    """ema <- decay * ema + (1 - decay) * model, in place. decay: a number, or a 0-d tensor that a CUDA graph
+    reads afresh at every replay."""
+    torch._foreach_mul_(ema_params, decay)      # decay 0 copies the model exactly, decay 1 changes nothing
+    torch._foreach_add_(ema_params, torch._foreach_mul(model_params, 1 - decay))
+
+
 def ema_decay(step, target):
     return min(target, (1 + step) / (10 + step))
 
@@ -385,7 +393,7 @@ class TrainStep:
         self.inputs = {k: v.clone() for k, v in example_batch.items()}
         self.loss, self.grad_norm = torch.zeros((), device=device), torch.zeros((), device=device)
         self.lr = opt.param_groups[0]["lr"]             # a tensor, so a graph reads each step's value
-        self.ema_weight = torch.zeros((), device=device)  # 1 - EMA decay, likewise
+        self.ema_decay = torch.zeros((), device=device)   # likewise
         self.graphs = self.capture() if fast else None
 
     def __call__(self, batch):
@@ -400,7 +408,7 @@ class TrainStep:
 
     def update(self, lr, ema_decay):
         self.lr.fill_(lr)
-        self.ema_weight.fill_(1.0 - ema_decay)
+        self.ema_decay.fill_(ema_decay)
         if self.graphs:
             self.graphs[1].replay()   # = self._update()
         else:
@@ -428,10 +436,7 @@ class TrainStep:
         # Clip as nn.utils.clip_grad_norm_ does, with the norm taken in reduce().
         self.flat_grad.mul_((self.grad_clip / (self.grad_norm + 1e-6)).clamp(max=1.0))
         self.opt.step()
-        # ema += (1 - decay) * (weights - ema), with the weight as a tensor (torch.lerp takes a number only)
-        delta = torch._foreach_sub(self.model_params, self.ema_params)
-        torch._foreach_mul_(delta, self.ema_weight)
-        torch._foreach_add_(self.ema_params, delta)
+        update_ema(self.ema_params, self.model_params, self.ema_decay)
 
     def capture(self):
         """Warm up (compiling, and creating AdamW's state), put the weights back, and capture both parts."""
@@ -941,6 +946,10 @@ def train(args, ckpt, rank, world, device):
     x_all, y_all, latent = load_data(args, rank)
     n, channels, size = len(x_all), x_all.shape[1], x_all.shape[-1]
     num_classes = int(y_all.max()) + 1 if latent else 10
+    if on_gpu and x_all.numel() * x_all.element_size() < 2 ** 31:
+        # Small data sets (CIFAR-10: 150 MB of uint8) live on the GPU: a step gathers its batch there, with no
+        # copy from host memory that the GPU would wait for.
+        x_all, y_all = x_all.to(device), y_all.to(device)
     if n < args.batch_size:
         raise SystemExit(f"error: {n} training examples are fewer than one batch ({args.batch_size})")
     classifier = load_classifier(args.classifier, device) if args.classifier and master else None

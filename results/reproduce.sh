@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Regenerates the README's results on a CUDA machine. Each part runs alone (each within ten minutes on one
+# H100) and writes its printed output to results/, headed by the card, the versions and the commit:
+#
+#   bash results/reproduce.sh tests         # pytest test_dig.py on the GPU           -> results/tests_gpu.txt
+#   bash results/reproduce.sh kernel        # python gla_kernel.py                    -> results/gla_bench.txt
+#   bash results/reproduce.sh model         # python dig.py --bench --cuda-graph --compile -> results/dig_bench.txt
+#   bash results/reproduce.sh train DiG-S/2 # 6 minutes of train_tiny.py + ResNet-56 judge -> results/train_DiG-S-2.*
+#   bash results/reproduce.sh train DiT-S/2 # the DiT twin, same recipe and time
+#   bash results/reproduce.sh scaling       # images/s of 2 GPUs (torchrun) vs 1 GPU  -> results/scaling.txt
+#
+# The training parts read CIFAR-10 from data/cifar-10-batches-py (downloaded if missing, see train_tiny.py)
+# and the ResNet-56 weights from resnet56-4bfd9763.th (or $RESNET56). Parts use the GPUs that
+# CUDA_VISIBLE_DEVICES names, so independent parts can run side by side on a machine with several.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+RESULTS=${RESULTS:-results}
+RESNET56=${RESNET56:-resnet56-4bfd9763.th}
+MINUTES=${MINUTES:-6}
+mkdir -p "$RESULTS"
+
+header() {   # card, versions and commit, at the top of every result file
+    python3 - "$@" <<'PY'
+import subprocess, sys, torch, triton
+try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+except OSError:
+    commit = ""
+import os
+commit = os.environ.get("DIG_COMMIT") or commit or "unknown"
+gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "no GPU"
+print(f"# {' '.join(sys.argv[1:])}\n# {gpus} | torch {torch.__version__} | triton {triton.__version__} | commit {commit}")
+PY
+}
+
+run_part() {   # run_part FILE COMMAND...: the header, then the command's output, into FILE and the terminal
+    local file=$1; shift
+    { header "$@"; "$@" 2>&1; } | tee "$RESULTS/$file"
+}
+
+train() {
+    local model=$1 name=${1//\//-}
+    local out=runs/$name-${MINUTES}min
+    rm -rf "$out"
+    # shellcheck disable=SC2086
+    run_part "train_$name.txt" python3 train_tiny.py --model "$model" --data-dir data --minutes "$MINUTES" \
+        --classifier "$RESNET56" --out "$out" ${TRAIN_FLAGS:-}
+    cp "$out/log.csv" "$RESULTS/train_$name.csv"
+    cp "$out/eval.json" "$RESULTS/train_$name.eval.json"
+    cp "$(ls "$out"/samples_*.png | tail -n 1)" "$RESULTS/train_${name}_samples.png"
+    cp "$out/loss.png" "$RESULTS/train_${name}_loss.png"
+}
+
+scaling() {   # the default DiG run for 2 minutes on 1 GPU, then on 2 GPUs; images/s from their logs
+    local gpus=${CUDA_VISIBLE_DEVICES:-0,1}
+    rm -rf runs/scaling-1gpu runs/scaling-2gpu && mkdir -p runs
+    CUDA_VISIBLE_DEVICES=${gpus%%,*} python3 train_tiny.py --data-dir data --minutes 2 --sample-every 0 --log-every 25 \
+        --out runs/scaling-1gpu > runs/scaling-1gpu.txt 2>&1
+    CUDA_VISIBLE_DEVICES=$gpus torchrun --standalone --nproc_per_node=2 train_tiny.py --data-dir data \
+        --minutes 2 --sample-every 0 --log-every 25 --out runs/scaling-2gpu > runs/scaling-2gpu.txt 2>&1
+    { header scaling; python3 - <<'PY'
+import csv
+def speed(run):   # images/s over the second half of the logged steps (compilation and warm-up excluded)
+    rows = list(csv.DictReader(open(f"runs/{run}/log.csv")))
+    rows = rows[len(rows) // 2:]
+    return sum(float(r["images_per_s"]) for r in rows) / len(rows), int(rows[-1]["step"])
+one, two = speed("scaling-1gpu"), speed("scaling-2gpu")
+print(f"DiG-S/2, global batch 256, 2 minutes: 1 GPU {one[0]:.0f} images/s ({one[1]} steps), "
+      f"2 GPUs {two[0]:.0f} images/s ({two[1]} steps): {two[0] / one[0]:.2f}x")
+PY
+    } | tee "$RESULTS/scaling.txt"
+}
+
+case "${1:-}" in
+    tests)   run_part tests_gpu.txt python3 -m pytest test_dig.py -q -rs --durations=10 -p no:cacheprovider ;;
+    kernel)  run_part gla_bench.txt python3 gla_kernel.py ;;
+    model)   run_part dig_bench.txt python3 dig.py --bench --cuda-graph --compile ;;
+    train)   train "${2:?which model, e.g. DiG-S/2 or DiT-S/2}" ;;
+    scaling) scaling ;;
+    *)       sed -n '2,14p' "$0"; exit 2 ;;
+esac
