@@ -380,13 +380,13 @@ class TrainStep:
         self.model, self.ema, self.opt, self.diffusion = model, ema, opt, diffusion
         self.grad_clip, self.world = grad_clip, world
         self.model_params, self.ema_params = list(model.parameters()), list(ema.parameters())
-        self.trained = [p for p in self.model_params if p.requires_grad]
-        device = self.trained[0].device
-        # Every gradient lives in one flat buffer (each .grad is a view of its slice): one all_reduce and one
-        # norm for all of them, and fixed addresses for the graphs.
-        self.flat_grad = torch.zeros(sum(p.numel() for p in self.trained), device=device)
+        trained = [p for p in self.model_params if p.requires_grad]
+        device = trained[0].device
+        # Every gradient lives in one flat buffer (each .grad is a view of its slice, which backward adds
+        # into): one zero_, one all_reduce and one norm for all of them, and fixed addresses for the graphs.
+        self.flat_grad = torch.zeros(sum(p.numel() for p in trained), device=device)
         offset = 0
-        for p in self.trained:
+        for p in trained:
             p.grad = self.flat_grad[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
         # Inputs and results live in fixed tensors too: a step copies its batch in and reads loss, grad_norm.
@@ -416,15 +416,13 @@ class TrainStep:
 
     def forward_backward(self):
         b, device = self.inputs, self.loss.device
+        self.flat_grad.zero_()
         # Autocast's cache of bf16 weight copies must be off in a graph (it is emptied after every step).
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False):
             losses = self.diffusion.training_losses(self.model, b["x"], b["t"], noise=b["noise"],
                                                     model_kwargs=dict(y=b["y"], force_drop_ids=b["drop"]))
         loss = losses["loss"].mean()
-        # autograd.grad rather than backward(): the gradients are returned, not added into .grad by autograd's
-        # per-parameter accumulators, which remember the CUDA stream they were made on and then break a
-        # capture on another stream. They are copied into the flat buffer instead.
-        torch._foreach_copy_([p.grad for p in self.trained], torch.autograd.grad(loss, self.trained))
+        loss.backward()
         self.loss.copy_(loss.detach())
 
     def reduce(self):
