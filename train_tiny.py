@@ -15,10 +15,6 @@ eval.json (class accuracy and a Frechet distance between ResNet-56 features of s
 With --sample N: samples_<step>_<N>.png (the first 100) and .npz (all N, uint8 images NHWC and labels).
 Defaults depend on the device (see default_config) and every one of them can be overridden.
 
-Speed. On a GPU the training step runs compiled (dig.compile_blocks) and replayed from CUDA graphs, and so
-does the network the sampler calls; compiling takes a minute or so, which counts against --minutes. --eager
-turns both off (for DiG and its DiT twin alike, so comparisons stay fair); the maths is the same either way.
-
 Stopping. Ctrl-C or SIGTERM (what a cluster scheduler sends) ends the run at the end of the current step with
 a checkpoint; --resume carries on. Checkpoints are written atomically, so even a SIGKILL (or a power cut) at
 any moment leaves the previous one intact.
@@ -47,7 +43,6 @@ grey range over the grid: enough to see structure emerge, not a picture.
 """
 
 import argparse
-import contextlib
 import copy
 import csv
 import hashlib
@@ -74,10 +69,9 @@ import gla_kernel
 # -----------------------------------------------------------------------------------------------------------
 # Settings that depend on the device. Each is a command-line flag; these are only the defaults.
 #
-# GPU: a run that gives recognisable class-conditional CIFAR-10 samples in 15 minutes on one H100 (7,244 steps
-# there; the README has the samples). The official DiT recipe (AdamW lr 1e-4, constant; EMA 0.9999; no warm-up;
-# no guidance) is made for 400K steps; in the few thousand steps of a short run it leaves blurry blobs (with
-# lr 2e-4 and EMA 0.999, a classifier found the requested class in 16% of samples). What changes, and why:
+# GPU: a run that gives recognisable class-conditional CIFAR-10 samples in minutes on one H100. The official
+# DiT recipe (AdamW lr 1e-4, constant; EMA 0.9999; no warm-up; no guidance) is made for 400K steps; in the few
+# thousand steps of a short run it leaves blurry blobs. What changes, and why:
 #   * lr 6e-4 after a 1000-step linear warm-up: a small model on 256 tokens takes a much larger step than
 #     DiT-XL does, and the warm-up lets the adaLN modulations grow from their zero initialisation before the
 #     steps get large; the gradient norm is clipped at 1 as a second guard against early spikes.
@@ -138,8 +132,6 @@ def parse_args(argv=None):
                                         "classified as the class they were asked for")
     p.add_argument("--eval-per-class", type=int, default=100, help="samples per class for --classifier")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: the resumed run's device, else cuda when there is a GPU")
-    p.add_argument("--eager", action="store_true", help="on a GPU: run the network uncompiled and without "
-                                                        "CUDA graphs (slower; the same maths)")
     p.add_argument("--sample", type=int, metavar="N", help="with --resume: make N samples from the EMA weights "
                    "(a grid and an .npz; scored too with --classifier) instead of training")
     args, ckpt = p.parse_args(argv), None
@@ -149,7 +141,7 @@ def parse_args(argv=None):
         raise SystemExit(f"error: --sample must be at least 1; got {args.sample}")
     if args.resume:
         path, ckpt = load_checkpoint(args.resume)
-        saved = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "sample", "eager")}
+        saved = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "sample")}
         p.set_defaults(**saved)
         args = p.parse_args(argv)
         network = ("model", "depth", "hidden_size", "num_heads")
@@ -329,8 +321,7 @@ def build_model(args, input_size, in_channels, num_classes):
 
 @torch.no_grad()
 def update_ema(ema_params, model_params, decay):
-    """ema <- decay * ema + (1 - decay) * model, in place. decay: a number, or a 0-d tensor that a CUDA graph
-    reads afresh at every replay."""
+    """ema <- decay * ema + (1 - decay) * model, in place."""
     torch._foreach_mul_(ema_params, decay)      # decay 0 copies the model exactly, decay 1 changes nothing
     torch._foreach_add_(ema_params, torch._foreach_mul(model_params, 1 - decay))
 
@@ -344,19 +335,16 @@ def learning_rate(step, args):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# One training step. Everything random about a step is drawn first (draw_batch), outside the network, so the
-# step itself is a fixed computation on inputs of a fixed shape: the same maths whether it runs eagerly or is
-# replayed from a CUDA graph. It runs in three parts, so that the host sees the loss before any weight moves:
-#   1. forward_backward: the diffusion loss of this process's share of the batch, and its gradients
-#   2. reduce: gradients averaged over processes (what DistributedDataParallel does), and their norm
+# One training step. Everything random about a step is drawn first (draw_batch), outside the network, from a
+# generator seeded by (seed, step, rank): a resumed run draws exactly what an uninterrupted one would. The step
+# then runs in three parts, so that the host sees the loss before any weight moves:
+#   1. forward and backward: the diffusion loss of this process's share of the batch, and its gradients
+#   2. the gradients averaged over processes (what DistributedDataParallel does), and their norm
 #   3. update: gradient clipping, AdamW and the EMA, run only when the loss and the gradient norm are finite
-# On a GPU (unless --eager), parts 1 and 3 are each captured once as a CUDA graph and replayed every step: the
-# GPU then runs the step's hundreds of kernels without waiting for Python to launch each one.
 
 def draw_batch(x_all, y_all, step, args, rank, world, device, latent, num_timesteps, drop_prob, generator):
     """Step `step` on this process: images (pixels in [-1, 1], randomly flipped) or latents, labels, diffusion
-    steps t, noise, and which labels are dropped for guidance. A pure function of (seed, step, rank, world):
-    a resumed run draws exactly what an uninterrupted one would."""
+    steps t, noise, and which labels are dropped for guidance. A pure function of (seed, step, rank, world)."""
     generator.manual_seed(args.seed * 1_000_003 + step * world + rank)
     idx = batch_indices(step, len(x_all), args.batch_size, args.seed, rank, world)
     x, y = x_all[idx].to(device), y_all[idx].to(device)
@@ -372,125 +360,55 @@ def draw_batch(x_all, y_all, step, args, rank, world, device, latent, num_timest
 
 
 class TrainStep:
-    """`loss, grad_norm = step(batch)` computes the loss and the averaged gradients of a batch (weights
-    untouched); `step.update(lr, ema_decay)` then clips, steps AdamW and moves the EMA. With fast=True (CUDA
-    only) both parts are captured as CUDA graphs on construction and replayed afterwards."""
+    """`loss, grad_norm = step(batch)` computes the loss and the averaged gradients of a batch (parts 1 and 2;
+    the weights are untouched); `step.update(lr, ema_decay)` then clips, steps AdamW and moves the EMA."""
 
-    def __init__(self, model, ema, opt, diffusion, example_batch, grad_clip, world, fast):
-        self.model, self.ema, self.opt, self.diffusion = model, ema, opt, diffusion
+    def __init__(self, model, ema, opt, diffusion, grad_clip, world):
+        self.model, self.opt, self.diffusion = model, opt, diffusion
         self.grad_clip, self.world = grad_clip, world
         self.model_params, self.ema_params = list(model.parameters()), list(ema.parameters())
         trained = [p for p in self.model_params if p.requires_grad]
-        device = trained[0].device
         # Every gradient lives in one flat buffer (each .grad is a view of its slice, which backward adds
-        # into): one zero_, one all_reduce and one norm for all of them, and fixed addresses for the graphs.
-        self.flat_grad = torch.zeros(sum(p.numel() for p in trained), device=device)
+        # into): one zero_, one all_reduce and one norm for all of them.
+        self.flat_grad = torch.zeros(sum(p.numel() for p in trained), device=trained[0].device)
         offset = 0
         for p in trained:
             p.grad = self.flat_grad[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
-        # Inputs and results live in fixed tensors too: a step copies its batch in and reads loss, grad_norm.
-        self.inputs = {k: v.clone() for k, v in example_batch.items()}
-        self.loss, self.grad_norm = torch.zeros((), device=device), torch.zeros((), device=device)
-        self.lr = opt.param_groups[0]["lr"]             # a tensor, so a graph reads each step's value
-        self.ema_decay = torch.zeros((), device=device)   # likewise
-        self.graphs = self.capture() if fast else None
+        self.grad_norm = None
 
     def __call__(self, batch):
-        for k, v in batch.items():
-            self.inputs[k].copy_(v)
-        if self.graphs:
-            self.graphs[0].replay()   # = self.forward_backward()
-        else:
-            self.forward_backward()
-        self.reduce()
-        return self.loss, self.grad_norm
-
-    def update(self, lr, ema_decay):
-        self.lr.fill_(lr)
-        self.ema_decay.fill_(ema_decay)
-        if self.graphs:
-            self.graphs[1].replay()   # = self._update()
-        else:
-            self._update()
-
-    def forward_backward(self):
-        b, device = self.inputs, self.loss.device
         self.flat_grad.zero_()
-        # Autocast's cache of bf16 weight copies must be off in a graph (it is emptied after every step).
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False):
-            losses = self.diffusion.training_losses(self.model, b["x"], b["t"], noise=b["noise"],
-                                                    model_kwargs=dict(y=b["y"], force_drop_ids=b["drop"]))
+        device = self.flat_grad.device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            losses = self.diffusion.training_losses(self.model, batch["x"], batch["t"], noise=batch["noise"],
+                                                    model_kwargs=dict(y=batch["y"], force_drop_ids=batch["drop"]))
         loss = losses["loss"].mean()
         loss.backward()
-        self.loss.copy_(loss.detach())
-
-    def reduce(self):
         if self.world > 1:       # every process then holds the gradient of the whole global batch
             dist.all_reduce(self.flat_grad)
             self.flat_grad.div_(self.world)
-        self.grad_norm.copy_(torch.linalg.vector_norm(self.flat_grad))
+        self.grad_norm = torch.linalg.vector_norm(self.flat_grad)
+        return loss.detach(), self.grad_norm
 
     @torch.no_grad()
-    def _update(self):
-        # Clip as nn.utils.clip_grad_norm_ does, with the norm taken in reduce().
+    def update(self, lr, ema_decay):
+        # Clip as nn.utils.clip_grad_norm_ does, with the norm taken above.
         self.flat_grad.mul_((self.grad_clip / (self.grad_norm + 1e-6)).clamp(max=1.0))
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         self.opt.step()
-        update_ema(self.ema_params, self.model_params, self.ema_decay)
-
-    def capture(self):
-        """Warm up (compiling, and creating AdamW's state), put the weights back, and capture both parts."""
-        def state():   # everything a warm-up step changes
-            return [*self.model_params, *self.ema_params,
-                    *(v for s in self.opt.state.values() for v in s.values() if torch.is_tensor(v))]
-        saved = [v.clone() for v in state()]
-        with side_stream():
-            for _ in range(3):
-                self.forward_backward()
-                self.reduce()
-                self._update()
-        # The warm-up must leave no trace: the first real step has to be the one an eager run would take.
-        # AdamW state that the warm-up created is zero in a fresh optimizer (moments and step count alike).
-        with torch.no_grad():
-            for i, v in enumerate(state()):
-                if i < len(saved):
-                    v.copy_(saved[i])
-                else:
-                    v.zero_()
-        return cuda_graph(self.forward_backward)[0], cuda_graph(self._update)[0]
-
-
-@contextlib.contextmanager
-def side_stream():
-    """Run the body off the default stream, as the warm-up before a CUDA graph capture must."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        yield
-    torch.cuda.current_stream().wait_stream(side)
-
-
-def cuda_graph(fn):
-    """Capture fn() as a CUDA graph (it is recorded, not run): (the graph, what fn returned: tensors that
-    each replay of the graph overwrites)."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()   # the capture allocates from a private pool: hand back cached blocks first
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = fn()
-    return graph, result
+        update_ema(self.ema_params, self.model_params, ema_decay)
 
 
 def make_optimizer(model, args, device):
-    """AdamW, fused (one kernel for all parameters), with the learning rate as a tensor so that a CUDA graph
-    reads each step's value; capturable on a GPU (its step count stays on the GPU too)."""
-    return torch.optim.AdamW(model.parameters(), lr=torch.tensor(args.lr, device=device), weight_decay=0,
-                             fused=True, capturable=device.type == "cuda")
+    """AdamW, fused: one kernel updates every parameter."""
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=True)
 
 
 def load_optimizer_state(opt, state):
-    """The moments and step counts of a checkpoint, under this run's settings (device, fused, learning-rate
-    tensor), whatever the checkpoint was written with (e.g. a GPU run continued on the CPU)."""
+    """The moments and step counts of a checkpoint, under this run's settings (device, learning rate, fused),
+    whatever the checkpoint was written with (e.g. a GPU run continued on the CPU)."""
     settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     opt.load_state_dict(state)
     for group, own in zip(opt.param_groups, settings):
@@ -695,54 +613,14 @@ def judge(classifier, images, labels, reference_stats, device, chunk=500):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Sampling with the EMA weights. A sampler calls the network once per step with the same shapes, which is
-# what CUDA graphs are for: on a GPU the EMA model is compiled and each call is a graph replay.
-
-class GraphedModel(nn.Module):
-    """The network as the sampler calls it (forward, forward_with_cfg), replayed from CUDA graphs: one graph
-    per input shape and guidance scale, captured on first use. Each call copies its inputs into the graph's
-    fixed input tensors, replays, and returns a copy of the fixed output. The weights are read where they
-    are, so the graphs stay valid while training moves the EMA weights in place."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.graphs = model, {}
-        self.in_channels, self.input_size, self.num_classes = model.in_channels, model.input_size, model.num_classes
-
-    def forward(self, x, t, y):
-        return self._replay("forward", (), x, t, y)
-
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        return self._replay("forward_with_cfg", (cfg_scale,), x, t, y)
-
-    def _replay(self, method, scalars, *inputs):
-        key = (method, scalars, *((v.shape, v.dtype) for v in inputs), torch.is_autocast_enabled("cuda"))
-        if key not in self.graphs:
-            fn = lambda *tensors: getattr(self.model, method)(*tensors, *scalars)
-            static = [v.clone() for v in inputs]
-            with side_stream():   # warm up first (compiling, if the blocks are compiled)
-                for _ in range(2):
-                    fn(*static)
-            graph, out = cuda_graph(lambda: fn(*static))
-            self.graphs[key] = graph, static, out
-        graph, static, out = self.graphs[key]
-        for buffer, v in zip(static, inputs):
-            buffer.copy_(v)
-        graph.replay()
-        return out.clone()
-
-
-def sampling_network(ema, device, eager):
-    """What the sampler calls: on a GPU (unless --eager) the EMA model with compiled blocks, graph-captured."""
-    return ema if eager or device.type != "cuda" else GraphedModel(dig.compile_blocks(ema))
-
+# Sampling with the EMA weights.
 
 @torch.no_grad()
 def generate(net, labels, args, device, seed):
     """Samples for `labels`, from noise fixed by `seed` (so grids at different steps are comparable)."""
     g = torch.Generator(device=device).manual_seed(seed)
     noise = torch.randn(len(labels), net.in_channels, net.input_size, net.input_size, generator=g, device=device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         x = dig.sample(net, labels, steps=args.sample_steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
                        noise=noise, generator=g)
     return x.float()
@@ -935,7 +813,6 @@ def main(argv=None):
 
 def train(args, ckpt, rank, world, device):
     master, on_gpu = rank == 0, device.type == "cuda"
-    fast = on_gpu and not args.eager
     say = print if master else (lambda *a, **k: None)
     if on_gpu:
         if args.model.startswith("DiG"):
@@ -968,9 +845,8 @@ def train(args, ckpt, rank, world, device):
         step, elapsed_before = ckpt["step"], ckpt["elapsed"]
         say(f"resuming {args.resume} at step {step}")
     diffusion = dig.create_diffusion(timestep_respacing="")
-    sampler_net = sampling_network(ema, device, eager=not fast)
     if args.sample is not None:
-        return more_samples(sampler_net, classifier, x_all, num_classes, latent, step, args, device)
+        return more_samples(ema, classifier, x_all, num_classes, latent, step, args, device)
 
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if ckpt is None and os.path.exists(ckpt_path):   # never start over on top of another run's work
@@ -983,7 +859,7 @@ def train(args, ckpt, rank, world, device):
         f"{'latents' if latent else 'images'} {channels}x{size}x{size}, {num_classes} classes | "
         f"{world} process(es) on {device.type} | global batch {args.batch_size} | out {args.out}")
 
-    # budget comes from the checkpoint, so every process agrees on it. Compiling counts against it.
+    # budget comes from the checkpoint, so every process agrees on it.
     budget = args.minutes * 60 - elapsed_before if args.minutes is not None else math.inf
     t_start = time.time()
     elapsed = lambda: elapsed_before + time.time() - t_start
@@ -992,11 +868,7 @@ def train(args, ckpt, rank, world, device):
     generator = torch.Generator(device=device)
     batch = lambda s: draw_batch(x_all, y_all, s, args, rank, world, device, latent, diffusion.num_timesteps,
                                  model.y_embedder.dropout_prob, generator)
-    train_step = TrainStep(dig.compile_blocks(model) if fast else model, ema, opt, diffusion, batch(step),
-                           args.grad_clip, world, fast)
-    if fast:
-        say(f"compiled and captured in {time.time() - t_start:.0f} s (--eager: neither)")
-        progress.pause(time.time() - t_start)
+    train_step = TrainStep(model, ema, opt, diffusion, args.grad_clip, world)
 
     def save_state():
         nonlocal last_ckpt_step
@@ -1006,7 +878,7 @@ def train(args, ckpt, rank, world, device):
 
     def save_samples():
         if master:
-            save_grid(generate(sampler_net, sample_labels, args, device, seed=args.seed),
+            save_grid(generate(ema, sample_labels, args, device, seed=args.seed),
                       os.path.join(args.out, f"samples_{step:07d}.png"), ncol=10, latent=latent)
 
     with StopRequests() as stop_requests:
@@ -1055,7 +927,7 @@ def train(args, ckpt, rank, world, device):
         say(f"done: {step} steps, {fmt_time(elapsed())}; checkpoint {ckpt_path}")
     if classifier is not None:
         labels = torch.arange(10).repeat_interleave(args.eval_per_class)
-        scores = evaluate(sampler_net, classifier, labels, x_all, args, device, "eval.json")
+        scores = evaluate(ema, classifier, labels, x_all, args, device, "eval.json")
         result.update(scores)
     return result
 

@@ -5,7 +5,8 @@
 #   bash results/reproduce.sh tests         # pytest test_dig.py on the GPU           -> results/tests_gpu.txt
 #   bash results/reproduce.sh kernel        # python gla_kernel.py                    -> results/gla_bench.txt
 #   bash results/reproduce.sh model         # python dig.py --bench --cuda-graph --compile -> results/dig_bench.txt
-#   bash results/reproduce.sh train DiG-S/2 # 6 minutes of train_tiny.py + ResNet-56 judge -> results/train_DiG-S-2.*
+#   bash results/reproduce.sh paths         # one-pass vs three-phase kernel paths     -> results/gla_paths.txt
+#   bash results/reproduce.sh train DiG-S/2 # 5 minutes of train_tiny.py + ResNet-56 judge -> results/train_DiG-S-2.*
 #   bash results/reproduce.sh train DiT-S/2 # the DiT twin, same recipe and time
 #   bash results/reproduce.sh scaling       # images/s of 2 GPUs (torchrun) vs 1 GPU  -> results/scaling.txt
 #
@@ -17,7 +18,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 RESULTS=${RESULTS:-results}
 RESNET56=${RESNET56:-resnet56-4bfd9763.th}
-MINUTES=${MINUTES:-6}
+MINUTES=${MINUTES:-5}
 mkdir -p "$RESULTS"
 
 header() {   # card, versions and commit, at the top of every result file
@@ -75,8 +76,9 @@ PY
 case "${1:-}" in
     tests)   run_part tests_gpu.txt python3 -m pytest test_dig.py -q -rs --durations=10 -p no:cacheprovider ;;
     kernel)  run_part gla_bench.txt python3 gla_kernel.py ;;
+    paths)   run_part gla_paths.txt python3 gla_kernel.py --paths ;;
     model)   run_part dig_bench.txt python3 dig.py --bench --cuda-graph --compile ;;
     train)   train "${2:?which model, e.g. DiG-S/2 or DiT-S/2}" ;;
     scaling) scaling ;;
-    *)       sed -n '2,14p' "$0"; exit 2 ;;
+    *)       sed -n '2,15p' "$0"; exit 2 ;;
 esac
