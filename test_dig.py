@@ -1430,7 +1430,7 @@ def test_train_step_is_clip_adamw_and_ema():
     x_all, y_all = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.arange(16) % 10
     batch = train_tiny.draw_batch(x_all, y_all, 0, args, 0, 1, torch.device("cpu"), False, 1000, 0.5,
                                   torch.Generator())
-    step = train_tiny.TrainStep(model, ema, train_tiny.make_optimizer(model, args, torch.device("cpu")),
+    step = train_tiny.TrainStep(model, ema, train_tiny.make_optimizer(model, args),
                                 diffusion, 0.01, 1)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=args.lr, weight_decay=0)
     for _ in range(2):

@@ -401,7 +401,7 @@ class TrainStep:
         update_ema(self.ema_params, self.model_params, ema_decay)
 
 
-def make_optimizer(model, args, device):
+def make_optimizer(model, args):
     """AdamW, fused: one kernel updates every parameter."""
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=True)
 
@@ -836,7 +836,7 @@ def train(args, ckpt, rank, world, device):
     torch.manual_seed(args.seed)  # the same initial weights in every process
     model = build_model(args, size, channels, num_classes).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = make_optimizer(model, args, device)
+    opt = make_optimizer(model, args)
     step, elapsed_before = 0, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
