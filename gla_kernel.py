@@ -22,13 +22,19 @@ gates in practice always: it takes gate logits below -60), which makes its causa
 product; below that the weights are formed element-wise, as a [16, 16, K] tile whose exponents G_i - G_j
 (i >= j) are never positive.
 
-The Triton version runs in three launches, forward and backward alike:
-  1. every chunk in parallel: what it adds to the state (forward) or to the state's gradient (backward);
-  2. a scan over the chunks of 64 tokens, the one sequential step (parallel over batch, head and tiles of
-     the state; 16 chunks at a time through a parallel prefix scan), that turns those into the state
-     (gradient) at every chunk boundary;
+The Triton version has two paths, forward and backward alike, chosen by the length T:
+  one pass (T <= 512): one program per batch and head walks the whole sequence sub-chunk by sub-chunk,
+     carrying the state in registers: one launch per direction and no state written to memory. The walk is
+     sequential, so it wins while B * H programs fill the GPU and the walk is short: on an H100 at DiG-S/2
+     shapes it is the faster path up to 512 tokens and the slower one from 1024 (results/gla_paths.txt).
+  three phases (longer sequences), three launches per direction:
+  1. every chunk of 64 tokens in parallel: what it adds to the state (forward) or to the state's gradient
+     (backward);
+  2. a scan over the chunks, the one sequential step (parallel over batch, head and tiles of the state; 16
+     chunks at a time through a parallel prefix scan), that turns those into the state (gradient) at every
+     chunk boundary;
   3. every chunk in parallel again: given its boundary state, its outputs (forward) or dq, dk, dv and dg
-     (backward), walking its four sub-chunks.
+     (backward), walking its four sub-chunks. This is the one-pass kernel run on a 64-token segment.
 
 Gradient of the gate: o depends on g only through q_t exp(G_t) and k_t exp(-G_t) (G the cumulative sum
 over the whole sequence), so dL/dG_t = q_t * dq_t - k_t * dk_t and dg_t is its reverse cumulative sum.
