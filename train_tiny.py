@@ -577,11 +577,21 @@ def load_classifier(path, device):
 
 
 @torch.no_grad()
+def pooled_features(classifier, images, device, chunk=500):
+    """The classifier's 64 pooled features of uint8 images [N, 3, 32, 32]: float32 [N, 64] on the CPU."""
+    return torch.cat([classifier.features(images[i:i + chunk].to(device).float() / 255).cpu()
+                      for i in range(0, len(images), chunk)])
+
+
+def gaussian_stats(feats):
+    """Mean and covariance (float64, numpy) of features [N, 64]."""
+    feats = feats.double().numpy()
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
 def feature_stats(classifier, images, device, chunk=500):
     """Mean and covariance (float64, numpy) of the classifier's pooled features of uint8 images [N,3,32,32]."""
-    feats = torch.cat([classifier.features(images[i:i + chunk].to(device).float() / 255).double().cpu()
-                       for i in range(0, len(images), chunk)]).numpy()
-    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+    return gaussian_stats(pooled_features(classifier, images, device, chunk))
 
 
 def frechet_distance(mu1, cov1, mu2, cov2):
@@ -604,11 +614,11 @@ def judge(classifier, images, labels, reference_stats, device, chunk=500):
     samples and reference_stats (feature_stats of the training images). Like FID, with this classifier instead
     of Inception: 0 for two sets of images alike to the classifier; comparable only between equal numbers of
     samples (fewer samples give larger distances)."""
-    preds = torch.cat([classifier(images[i:i + chunk].to(device).float() / 255).argmax(dim=1).cpu()
-                       for i in range(0, len(images), chunk)])
+    feats = pooled_features(classifier, images, device, chunk)   # one pass of the network serves both scores
+    preds = classifier.linear(feats.to(device)).argmax(dim=1).cpu()
     per_class = [((preds == labels) & (labels == c)).sum().item() / max(1, (labels == c).sum().item())
                  for c in range(10)]
-    fd = frechet_distance(*feature_stats(classifier, images, device, chunk), *reference_stats)
+    fd = frechet_distance(*gaussian_stats(feats), *reference_stats)
     return (preds == labels).float().mean().item(), per_class, fd
 
 
