@@ -105,12 +105,6 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, labels, force_drop_ids=None):
         # force_drop_ids: [N], 1 where the label must be dropped (for tests and explicit unconditional passes).
-        # The range check reads the labels on the host, a sync that a CUDA graph capture forbids: skip it there.
-        capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
-        if labels.is_floating_point() or (not capturing and
-                                          not ((labels >= 0) & (labels <= self.num_classes)).all()):
-            raise ValueError(f"labels must be integers in [0, {self.num_classes}] ({self.num_classes} is the "
-                             f"null label of classifier-free guidance); got {labels.tolist()[:16]}")
         if force_drop_ids is not None:
             labels = torch.where(force_drop_ids == 1, self.num_classes, labels)
         elif self.training and self.dropout_prob > 0:
@@ -273,17 +267,6 @@ def reorient(x, transpose, side):
     return x
 
 
-def _keep_matmul_inputs_and_outputs(ctx, op, *args, **kwargs):
-    # What a compiled DiG block keeps for its backward (see DiGBlock.forward). Outputs of matmuls and of GLA
-    # cost matmul work to recompute. Casts to bf16 (autocast's) are what the matmuls and the conv read:
-    # normalised-and-modulated activations made from the float32 residual stream, and bf16 weight copies;
-    # recomputing them means another pass over the float32 stream, which measured slower than storing them
-    # in half the bytes. Everything else is element-wise on bf16 values and is recomputed.
-    keep = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.dig.gla_forward.default,
-                  torch.ops.aten._to_copy.default)
-    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
-
-
 class DiGBlock(AdaLNZeroBlock):
     """adaLN-Zero(GLA) and adaLN-Zero(SwiGLU), then the depthwise convolution over the token grid; the block
     hands its output over in the next block's scan order (block `index` reads in order index % 4)."""
@@ -296,19 +279,6 @@ class DiGBlock(AdaLNZeroBlock):
         self.transpose_after = index % 2 == 1
 
     def forward(self, x, c):
-        # Memory: by default autograd keeps every intermediate the backward reads, and a DiG block has many
-        # (the gates, SwiGLU's product, the normalised GLA output times its swish gate, ...). When the block is
-        # compiled (compile_blocks), it keeps only x, c, the inputs and outputs of its matmuls and GLA's
-        # outputs (_keep_matmul_inputs_and_outputs), and its backward recomputes the rest inside kernels it
-        # runs anyway. On an H100 (DiG-XL/2, 2048 px) that took peak memory from 31.5 to 27.4 GiB for 1.4%
-        # more time. Uncompiled, the recomputation would be a second run of each element-wise op, so it is
-        # not done there.
-        if torch.compiler.is_compiling() and torch.is_grad_enabled():
-            policy = functools.partial(create_selective_checkpoint_contexts, _keep_matmul_inputs_and_outputs)
-            return checkpoint(self.forward_all, x, c, use_reentrant=False, context_fn=policy)
-        return self.forward_all(x, c)
-
-    def forward_all(self, x, c):
         x = self.dwconv(super().forward(x, c))                    # [N, T, D], this block's order
         return reorient(x, self.transpose_after, self.side)       # [N, T, D], the next block's order
 
@@ -385,6 +355,12 @@ class DiffusionTransformer(nn.Module):
                              f"got {tuple(x.shape)}")
         if t.shape != x.shape[:1] or y.shape != x.shape[:1]:
             raise ValueError(f"t and y must be [N] = [{x.shape[0]}]; got t {tuple(t.shape)}, y {tuple(y.shape)}")
+        # The range check reads the labels on the host: a device sync, which a CUDA graph capture forbids
+        # (train_tiny.py captures whole steps and sampler calls, after eager warm-up calls that do check).
+        capturing = y.is_cuda and torch.cuda.is_current_stream_capturing()
+        if y.is_floating_point() or (not capturing and not ((y >= 0) & (y <= self.num_classes)).all()):
+            raise ValueError(f"labels must be integers in [0, {self.num_classes}] ({self.num_classes} is the "
+                             f"null label of classifier-free guidance); got {y.tolist()[:16]}")
 
     def run_blocks(self, x, c):
         for block in self.blocks:                # DiG: block i reads the tokens in scan order i % 4, and
@@ -827,13 +803,38 @@ def compile_blocks(model):
     Blocks of one class share their code, so this compiles each kind of block once, not once per block (DiG
     has two kinds: with and without a transpose after it). What it buys is fusion: the normalisations,
     modulations, gates, activations, residual adds and scan-order permutes around the matmuls and the GLA
-    kernel (an opaque operator to the compiler) become a few generated kernels, forward and backward, and
-    the backward recomputes cheap element-wise results instead of storing them. --profile shows why that
-    matters: uncompiled, most of a DiG step's GPU time is element-wise work, not matmuls or GLA.
+    kernel (an opaque operator to the compiler) become a few generated kernels, forward and backward.
+    --profile shows why that matters: uncompiled, most of a DiG step's GPU time is element-wise work, not
+    matmuls or GLA. DiG blocks also trade memory for recomputation (_forward_recomputing).
     """
     for block in model.blocks:
+        if isinstance(block, DiGBlock):
+            block.forward = functools.partial(_forward_recomputing, block.forward)
         block.compile()
     return model
+
+
+def _forward_recomputing(forward, x, c):
+    # By default autograd keeps every intermediate the backward reads, and a DiG block has many (the gates,
+    # SwiGLU's product, the normalised GLA output times its swish gate, ...). Compiled, a block keeps only x,
+    # c and what _keep_matmul_inputs_and_outputs names, and its backward recomputes the rest inside kernels it
+    # runs anyway: a lower peak memory for a little more time. Uncompiled,
+    # the recomputation would be a second run of each element-wise op, so only compiled blocks do it.
+    if not torch.is_grad_enabled():
+        return forward(x, c)
+    policy = functools.partial(create_selective_checkpoint_contexts, _keep_matmul_inputs_and_outputs)
+    return checkpoint(forward, x, c, use_reentrant=False, context_fn=policy)
+
+
+def _keep_matmul_inputs_and_outputs(ctx, op, *args, **kwargs):
+    # What a compiled DiG block keeps for its backward (see _forward_recomputing). Outputs of matmuls and GLA
+    # cost matmul work to recompute. Casts to bf16 (autocast's) are what the matmuls and the conv read:
+    # normalised-and-modulated activations made from the float32 residual stream, and bf16 weight copies;
+    # recomputing them means another pass over the float32 stream, which measured slower than storing them
+    # in half the bytes. Everything else is element-wise on bf16 values and is recomputed.
+    keep = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.dig.gla_forward.default,
+                  torch.ops.aten._to_copy.default)
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def make_train_step(model, batch, device, cuda_graph=False):

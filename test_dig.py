@@ -1582,6 +1582,74 @@ def test_gpu_run_nan_stop_and_resume(cifar_dir, tmp_path, monkeypatch):
     assert diff.max() < 6 * 2e-3 and (diff > 1e-4).float().mean() < 0.01, (diff.max(), diff.mean())
 
 
+def gpu_train_step_pair(model_name, depth, hidden, heads):
+    """Two identical (model, ema, optimizer) sets on the GPU: one for an eager step, one for a compiled one."""
+    args, _ = train_tiny.parse_args(["--model", model_name, "--depth", str(depth), "--hidden-size", str(hidden),
+                                     "--num-heads", str(heads), "--device", "cuda", "--steps", "1",
+                                     "--batch-size", "32"])
+    train_tiny.fill_defaults(args, 1)
+    torch.manual_seed(0)
+    model = randomize_(train_tiny.build_model(args, 32, 3, 10), std=0.02).cuda()
+    pairs = []
+    for _ in range(2):
+        m = copy.deepcopy(model)
+        ema = copy.deepcopy(m).requires_grad_(False).eval()
+        pairs.append((m, ema, train_tiny.make_optimizer(m, args)))
+    return args, pairs
+
+
+@needs_gpu
+@pytest.mark.parametrize("model_name", ["DiG-S/2", "DiT-S/2"])
+def test_gpu_compiled_train_step_matches_eager_step(model_name):
+    # The default GPU step (compiled blocks, forward and backward replayed from a CUDA graph) against the eager
+    # step on the same weights and batches: the same loss, gradient norm and, after the update, weights, up to
+    # bf16 rounding. Two steps with different batches: a graph that kept reading its first batch would fail.
+    args, [(m0, e0, o0), (m1, e1, o1)] = gpu_train_step_pair(model_name, 4, 128, 2)
+    diffusion, device = dig.create_diffusion(), torch.device("cuda")
+    x_all = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=device)
+    y_all = torch.arange(64, device=device) % 10
+    gen = torch.Generator(device=device)
+    batch = lambda s: train_tiny.draw_batch(x_all, y_all, s, args, 0, 1, device, False, 1000, 0.1, gen)
+    eager = train_tiny.TrainStep(m0, e0, o0, diffusion, 1.0, 1)
+    initial = {k: v.clone() for k, v in m1.state_dict().items()}
+    fast = train_tiny.CompiledTrainStep(dig.compile_blocks(m1), e1, o1, diffusion, 1.0, 1, batch(0))
+    for s in range(2):
+        b = batch(s)
+        (l0, n0), (l1, n1) = eager(b), fast(b)
+        torch.testing.assert_close(l1, l0, rtol=2e-2, atol=0, msg=f"loss at step {s}")
+        torch.testing.assert_close(n1, n0, rtol=5e-2, atol=0, msg=f"gradient norm at step {s}")
+        g0, g1 = eager.flat_grad.clone(), fast.flat_grad.clone()
+        assert (g1 - g0).norm() < 0.05 * g0.norm(), f"gradients differ at step {s}"
+        eager.update(1e-3, 0.5)
+        fast.update(1e-3, 0.5)
+    for name, model_a, model_b in (("model", m0, m1), ("ema", e0, e1)):
+        a, b = model_a.state_dict(), model_b.state_dict()
+        # AdamW moves a weight by about lr (1e-3) per step whatever the gradient's size, so rounding that
+        # flips a gradient's sign costs up to 2e-3 per step; nearly all weights must agree far more closely.
+        diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        assert diff.max() < 4 * 2e-3 and (diff > 2e-4).float().mean() < 0.02, (name, diff.max(), diff.mean())
+    moved = sum((initial[k] - v).abs().max() > 1e-3 for k, v in m1.state_dict().items())
+    assert moved > len(initial) // 2, f"only {moved} of {len(initial)} tensors moved: the update did not run"
+
+
+@needs_gpu
+def test_gpu_graphed_sampler_matches_eager_sampler():
+    # dig.sample through GraphedDenoiser (compiled EMA blocks, CUDA graphs) against the plain network: with and
+    # without guidance, two batch sizes (one graph each), DDIM so that the only difference is rounding.
+    torch.manual_seed(0)
+    net = randomize_(tiny_dig(depth=4), std=0.05).cuda().eval()
+    graphed = train_tiny.GraphedDenoiser(dig.compile_blocks(copy.deepcopy(net)))
+    for n, cfg in ((6, 3.0), (5, 1.0), (6, 3.0)):
+        labels = torch.arange(n, device="cuda") % net.num_classes
+        noise = torch.randn(n, net.in_channels, net.input_size, net.input_size, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref = dig.sample(net, labels, steps=10, cfg_scale=cfg, sampler="ddim", noise=noise)
+            got = dig.sample(graphed, labels, steps=10, cfg_scale=cfg, sampler="ddim", noise=noise)
+        assert torch.isfinite(got).all()
+        assert (got - ref).norm() < 0.03 * ref.norm(), (n, cfg, ((got - ref).norm() / ref.norm()).item())
+    assert len(graphed.graphs) == 2     # the third call replayed the first graph
+
+
 @needs_gpu
 def test_gpu_run_end_to_end(cifar_dir, tmp_path):
     if os.path.exists(REAL_RESNET):

@@ -15,6 +15,10 @@ eval.json (class accuracy and a Frechet distance between ResNet-56 features of s
 With --sample N: samples_<step>_<N>.png (the first 100) and .npz (all N, uint8 images NHWC and labels).
 Defaults depend on the device (see default_config) and every one of them can be overridden.
 
+Speed. On a GPU the training step and the sampler run compiled (torch.compile of every block) and replayed from
+CUDA graphs (CompiledTrainStep, GraphedDenoiser); compiling takes about half a minute at the start of a run and
+counts against --minutes. --eager runs them as plain PyTorch instead, as on a CPU.
+
 Stopping. Ctrl-C or SIGTERM (what a cluster scheduler sends) ends the run at the end of the current step with
 a checkpoint; --resume carries on. Checkpoints are written atomically, so even a SIGKILL (or a power cut) at
 any moment leaves the previous one intact.
@@ -132,6 +136,8 @@ def parse_args(argv=None):
                                         "classified as the class they were asked for")
     p.add_argument("--eval-per-class", type=int, default=100, help="samples per class for --classifier")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: the resumed run's device, else cuda when there is a GPU")
+    p.add_argument("--eager", action="store_true", help="GPU: run the training step and the sampler as plain "
+                   "PyTorch, not compiled and replayed from CUDA graphs (slower; for debugging)")
     p.add_argument("--sample", type=int, metavar="N", help="with --resume: make N samples from the EMA weights "
                    "(a grid and an .npz; scored too with --classifier) instead of training")
     args, ckpt = p.parse_args(argv), None
@@ -341,6 +347,8 @@ def learning_rate(step, args):
 #   1. forward and backward: the diffusion loss of this process's share of the batch, and its gradients
 #   2. the gradients averaged over processes (what DistributedDataParallel does), and their norm
 #   3. update: gradient clipping, AdamW and the EMA, run only when the loss and the gradient norm are finite
+# On a GPU, part 1 is compiled and replayed from a CUDA graph (CompiledTrainStep); --eager runs it as plain
+# PyTorch (TrainStep), as on a CPU.
 
 def draw_batch(x_all, y_all, step, args, rank, world, device, latent, num_timesteps, drop_prob, generator):
     """Step `step` on this process: images (pixels in [-1, 1], randomly flipped) or latents, labels, diffusion
@@ -367,38 +375,93 @@ class TrainStep:
         self.model, self.opt, self.diffusion = model, opt, diffusion
         self.grad_clip, self.world = grad_clip, world
         self.model_params, self.ema_params = list(model.parameters()), list(ema.parameters())
-        trained = [p for p in self.model_params if p.requires_grad]
+        self.trained = [p for p in self.model_params if p.requires_grad]
         # Every gradient lives in one flat buffer (each .grad is a view of its slice, which backward adds
         # into): one zero_, one all_reduce and one norm for all of them.
-        self.flat_grad = torch.zeros(sum(p.numel() for p in trained), device=trained[0].device)
-        offset = 0
-        for p in trained:
-            p.grad = self.flat_grad[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
+        self.flat_grad = torch.zeros(sum(p.numel() for p in self.trained), device=self.trained[0].device)
+        self.grad_views = list(self.flat_grad.split([p.numel() for p in self.trained]))
+        self.grad_views = [view.view_as(p) for view, p in zip(self.grad_views, self.trained)]
+        for p, view in zip(self.trained, self.grad_views):
+            p.grad = view
         self.grad_norm = None
 
-    def __call__(self, batch):
-        self.flat_grad.zero_()
+    def forward_backward(self, batch, autocast_cache=True):
+        """Part 1: the loss of the batch (detached); backward adds the gradients into each p.grad."""
         device = self.flat_grad.device
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
+                            cache_enabled=autocast_cache):
             losses = self.diffusion.training_losses(self.model, batch["x"], batch["t"], noise=batch["noise"],
                                                     model_kwargs=dict(y=batch["y"], force_drop_ids=batch["drop"]))
         loss = losses["loss"].mean()
         loss.backward()
-        if self.world > 1:       # every process then holds the gradient of the whole global batch
+        return loss.detach()
+
+    def __call__(self, batch):
+        self.flat_grad.zero_()
+        return self.forward_backward(batch), self.average_gradients()
+
+    def average_gradients(self):
+        """Part 2: every process then holds the gradient of the whole global batch; returns its norm."""
+        if self.world > 1:
             dist.all_reduce(self.flat_grad)
             self.flat_grad.div_(self.world)
         self.grad_norm = torch.linalg.vector_norm(self.flat_grad)
-        return loss.detach(), self.grad_norm
+        return self.grad_norm
 
     @torch.no_grad()
     def update(self, lr, ema_decay):
+        """Part 3."""
         # Clip as nn.utils.clip_grad_norm_ does, with the norm taken above.
         self.flat_grad.mul_((self.grad_clip / (self.grad_norm + 1e-6)).clamp(max=1.0))
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
         update_ema(self.ema_params, self.model_params, ema_decay)
+
+
+class CompiledTrainStep(TrainStep):
+    """The same step, with part 1 compiled and replayed as a CUDA graph. Call it exactly like TrainStep.
+
+    Why: at CIFAR-10 sizes a step is ~1,000 small kernels. Eagerly, most of the GPU time goes to element-wise
+    work between the matmuls, and launching the kernels takes the host about as long as the GPU takes to run
+    them. dig.compile_blocks fuses the element-wise work (fewer, larger kernels); the CUDA graph launches the
+    whole forward and backward at once. The batch is copied into the graph's fixed input tensors before each
+    replay. Parts 2 and 3 stay eager: they are a handful of kernels, and NCCL and the host's NaN check sit
+    between them. The model's blocks must already be compiled (dig.compile_blocks).
+    """
+
+    def __init__(self, model, ema, opt, diffusion, grad_clip, world, example_batch):
+        super().__init__(model, ema, opt, diffusion, grad_clip, world)
+        self.static_batch = {k: v.clone() for k, v in example_batch.items()}
+        # The captured backward must create the gradients itself (into memory the graph owns), not add into
+        # tensors made outside the capture; after capture the graph copies them into the flat buffer.
+        self._set_grads(None)
+        side = torch.cuda.Stream()          # warm up off the default stream: compile, Triton, cuBLAS handles
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.forward_backward(self.static_batch, autocast_cache=False)
+                self._set_grads(None)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()            # the capture's private pool should not sit beside unused blocks
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            # No autocast cache: it would keep bf16 weight copies made during capture, stale after an update.
+            self.static_loss = self.forward_backward(self.static_batch, autocast_cache=False)
+            self.graph_grads = [p.grad for p in self.trained]   # written by every replay; kept alive here
+            torch._foreach_copy_(self.grad_views, self.graph_grads)
+        self._set_grads(self.grad_views)
+
+    def _set_grads(self, grads):
+        for i, p in enumerate(self.trained):
+            p.grad = None if grads is None else grads[i]
+
+    def __call__(self, batch):
+        for name, x in batch.items():
+            self.static_batch[name].copy_(x)
+        self.graph.replay()
+        return self.static_loss, self.average_gradients()
 
 
 def make_optimizer(model, args):
@@ -623,7 +686,61 @@ def judge(classifier, images, labels, reference_stats, device, chunk=500):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Sampling with the EMA weights.
+# Sampling with the EMA weights. On a GPU (without --eager) the sampler calls the EMA network through
+# GraphedDenoiser: its blocks compiled, each call replayed from a CUDA graph.
+
+class GraphedDenoiser:
+    """Stands in for a DiG/DiT network in dig.sample: net(x, t, y) and net.forward_with_cfg(x, t, y, scale),
+    each replayed from a CUDA graph captured the first time its batch shape (and guidance scale) is seen.
+    A sampler calls the same network a hundred times on the same shapes, so a capture pays for itself in the
+    first few steps."""
+
+    def __init__(self, net):
+        self.net, self.graphs = net, {}
+        self.in_channels, self.input_size, self.num_classes = net.in_channels, net.input_size, net.num_classes
+
+    def parameters(self):
+        return self.net.parameters()
+
+    def __call__(self, x, t, y):
+        return self._replay(x, t, y, cfg_scale=None)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        return self._replay(x, t, y, cfg_scale)
+
+    def _replay(self, x, t, y, cfg_scale):
+        key = (tuple(x.shape), x.dtype, cfg_scale, torch.is_autocast_enabled("cuda"))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x, t, y, cfg_scale)
+        inputs, output, graph = self.graphs[key]
+        for static, new in zip(inputs, (x, t, y)):
+            static.copy_(new)
+        graph.replay()
+        return output.clone()    # the next replay overwrites `output`; the sampler may still hold this one
+
+    @torch.no_grad()
+    def _capture(self, x, t, y, cfg_scale):
+        inputs = [a.clone() for a in (x, t, y)]
+        autocast = torch.is_autocast_enabled("cuda")
+
+        def run():
+            # No autocast cache inside a graph: the bf16 weight copies must be made afresh at every replay.
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
+                if cfg_scale is None:
+                    return self.net(*inputs)
+                return self.net.forward_with_cfg(*inputs, cfg_scale)
+
+        side = torch.cuda.Stream()     # warm up (compile, Triton) off the default stream, as CUDA graphs ask
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = run()
+        return inputs, output, graph
+
 
 @torch.no_grad()
 def generate(net, labels, args, device, seed):
@@ -660,12 +777,18 @@ def grid_labels(num_classes, per_class, device):
 
 def evaluate(net, classifier, labels, train_images, args, device, out_name, samples=None):
     """Judge samples for `labels` (made now unless given) with the classifier: print and write out_name."""
-    samples = generate_many(net, labels, args, device) if samples is None else samples
+    seconds = None
+    if samples is None:
+        t0 = time.time()
+        samples = generate_many(net, labels, args, device)
+        seconds = round(time.time() - t0, 1)
+        print(f"sampled {len(labels)} images in {seconds} s")
     acc, per_class, fd = judge(classifier, samples, labels, feature_stats(classifier, train_images, device), device)
     print(f"ResNet-56 finds the requested class in {100 * acc:.1f}% of {len(labels)} EMA samples (cfg "
           f"{args.cfg_scale}, {args.sample_steps} {args.sampler} steps); Frechet distance of its features to "
           f"the training images' {fd:.2f}; per class (%): " + " ".join(f"{100 * a:.0f}" for a in per_class))
     result = dict(accuracy=acc, per_class=per_class, frechet_distance=fd, samples=len(labels),
+                  sampling_seconds=seconds,
                   cfg_scale=args.cfg_scale, sample_steps=args.sample_steps, sampler=args.sampler)
     with open(os.path.join(args.out, out_name), "w") as f:
         json.dump(result, f, indent=1)
@@ -855,8 +978,11 @@ def train(args, ckpt, rank, world, device):
         step, elapsed_before = ckpt["step"], ckpt["elapsed"]
         say(f"resuming {args.resume} at step {step}")
     diffusion = dig.create_diffusion(timestep_respacing="")
+    # The fast mode (see CompiledTrainStep). The EMA network gets its own compiled blocks for sampling.
+    fast = on_gpu and not args.eager
+    sample_net = GraphedDenoiser(dig.compile_blocks(ema)) if fast else ema
     if args.sample is not None:
-        return more_samples(ema, classifier, x_all, num_classes, latent, step, args, device)
+        return more_samples(sample_net, classifier, x_all, num_classes, latent, step, args, device)
 
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if ckpt is None and os.path.exists(ckpt_path):   # never start over on top of another run's work
@@ -878,7 +1004,15 @@ def train(args, ckpt, rank, world, device):
     generator = torch.Generator(device=device)
     batch = lambda s: draw_batch(x_all, y_all, s, args, rank, world, device, latent, diffusion.num_timesteps,
                                  model.y_embedder.dropout_prob, generator)
-    train_step = TrainStep(model, ema, opt, diffusion, args.grad_clip, world)
+    if fast:
+        t_compile = time.time()
+        train_step = CompiledTrainStep(dig.compile_blocks(model), ema, opt, diffusion, args.grad_clip, world,
+                                       example_batch=batch(step))
+        say(f"compiled the blocks and captured the training step as a CUDA graph in {time.time() - t_compile:.0f} s "
+            f"(part of the time budget)")
+        progress.pause(time.time() - t_compile)
+    else:
+        train_step = TrainStep(model, ema, opt, diffusion, args.grad_clip, world)
 
     def save_state():
         nonlocal last_ckpt_step
@@ -888,7 +1022,7 @@ def train(args, ckpt, rank, world, device):
 
     def save_samples():
         if master:
-            save_grid(generate(ema, sample_labels, args, device, seed=args.seed),
+            save_grid(generate(sample_net, sample_labels, args, device, seed=args.seed),
                       os.path.join(args.out, f"samples_{step:07d}.png"), ncol=10, latent=latent)
 
     with StopRequests() as stop_requests:
@@ -937,7 +1071,7 @@ def train(args, ckpt, rank, world, device):
         say(f"done: {step} steps, {fmt_time(elapsed())}; checkpoint {ckpt_path}")
     if classifier is not None:
         labels = torch.arange(10).repeat_interleave(args.eval_per_class)
-        scores = evaluate(ema, classifier, labels, x_all, args, device, "eval.json")
+        scores = evaluate(sample_net, classifier, labels, x_all, args, device, "eval.json")
         result.update(scores)
     return result
 

@@ -3,10 +3,12 @@
 # H100) and writes its printed output to results/, headed by the card, the versions and the commit:
 #
 #   bash results/reproduce.sh tests         # pytest test_dig.py on the GPU           -> results/tests_gpu.txt
+#                                           # (the tests named *gpu* first, then the rest)
 #   bash results/reproduce.sh kernel        # python gla_kernel.py                    -> results/gla_bench.txt
 #   bash results/reproduce.sh model         # python dig.py --bench --cuda-graph --compile -> results/dig_bench.txt
 #   bash results/reproduce.sh paths         # one-pass vs three-phase kernel paths     -> results/gla_paths.txt
-#   bash results/reproduce.sh train DiG-S/2 # 5 minutes of train_tiny.py + ResNet-56 judge -> results/train_DiG-S-2.*
+#   bash results/reproduce.sh train DiG-S/2 # 6 minutes of train_tiny.py, 2,000 samples judged by the ResNet-56
+#                                           #   -> results/train_DiG-S-2.*
 #   bash results/reproduce.sh train DiT-S/2 # the DiT twin, same recipe and time
 #   bash results/reproduce.sh scaling       # images/s of 2 GPUs (torchrun) vs 1 GPU  -> results/scaling.txt
 #
@@ -18,7 +20,8 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 RESULTS=${RESULTS:-results}
 RESNET56=${RESNET56:-resnet56-4bfd9763.th}
-MINUTES=${MINUTES:-5}
+MINUTES=${MINUTES:-6}
+export SCALE_MINUTES=${SCALE_MINUTES:-1.5}
 mkdir -p "$RESULTS"
 
 header() {   # card, versions and commit, at the top of every result file
@@ -46,39 +49,43 @@ train() {
     rm -rf "$out"
     # shellcheck disable=SC2086
     run_part "train_$name.txt" python3 train_tiny.py --model "$model" --data-dir data --minutes "$MINUTES" \
-        --classifier "$RESNET56" --out "$out" ${TRAIN_FLAGS:-}
+        --classifier "$RESNET56" --eval-per-class 200 --out "$out" ${TRAIN_FLAGS:-}
     cp "$out/log.csv" "$RESULTS/train_$name.csv"
     cp "$out/eval.json" "$RESULTS/train_$name.eval.json"
     cp "$(ls "$out"/samples_*.png | tail -n 1)" "$RESULTS/train_${name}_samples.png"
     cp "$out/loss.png" "$RESULTS/train_${name}_loss.png"
 }
 
-scaling() {   # the default DiG run for 2 minutes on 1 GPU, then on 2 GPUs; images/s from their logs
+scaling() {   # the default DiG run for SCALE_MINUTES on 1 GPU, then on 2 GPUs; images/s from their logs
     local gpus=${CUDA_VISIBLE_DEVICES:-0,1}
     rm -rf runs/scaling-1gpu runs/scaling-2gpu && mkdir -p runs
-    CUDA_VISIBLE_DEVICES=${gpus%%,*} python3 train_tiny.py --data-dir data --minutes 2 --sample-every 0 --log-every 25 \
-        --out runs/scaling-1gpu > runs/scaling-1gpu.txt 2>&1
+    CUDA_VISIBLE_DEVICES=${gpus%%,*} python3 train_tiny.py --data-dir data --minutes "$SCALE_MINUTES" --sample-every 0 \
+        --log-every 25 --out runs/scaling-1gpu > runs/scaling-1gpu.txt 2>&1
     CUDA_VISIBLE_DEVICES=$gpus torchrun --standalone --nproc_per_node=2 train_tiny.py --data-dir data \
-        --minutes 2 --sample-every 0 --log-every 25 --out runs/scaling-2gpu > runs/scaling-2gpu.txt 2>&1
+        --minutes "$SCALE_MINUTES" --sample-every 0 --log-every 25 --out runs/scaling-2gpu > runs/scaling-2gpu.txt 2>&1
     { header scaling; python3 - <<'PY'
-import csv
+import csv, os
 def speed(run):   # images/s over the second half of the logged steps (compilation and warm-up excluded)
     rows = list(csv.DictReader(open(f"runs/{run}/log.csv")))
     rows = rows[len(rows) // 2:]
     return sum(float(r["images_per_s"]) for r in rows) / len(rows), int(rows[-1]["step"])
 one, two = speed("scaling-1gpu"), speed("scaling-2gpu")
-print(f"DiG-S/2, global batch 256, 2 minutes: 1 GPU {one[0]:.0f} images/s ({one[1]} steps), "
+print(f"DiG-S/2, global batch 256, {os.environ['SCALE_MINUTES']} minutes: 1 GPU {one[0]:.0f} images/s ({one[1]} steps), "
       f"2 GPUs {two[0]:.0f} images/s ({two[1]} steps): {two[0] / one[0]:.2f}x")
 PY
     } | tee "$RESULTS/scaling.txt"
 }
 
 case "${1:-}" in
-    tests)   run_part tests_gpu.txt python3 -m pytest test_dig.py -q -rs --durations=10 -p no:cacheprovider ;;
+    tests)   # the GPU-only tests first, so that a run cut short still covers them
+             { header pytest test_dig.py -k gpu, then -k "not gpu"
+               python3 -m pytest test_dig.py -q -rs --durations=5 -p no:cacheprovider -k gpu 2>&1 || true
+               python3 -m pytest test_dig.py -q -rs --durations=5 -p no:cacheprovider -k "not gpu" 2>&1; } \
+                 | tee "$RESULTS/tests_gpu.txt" ;;
     kernel)  run_part gla_bench.txt python3 gla_kernel.py ;;
     paths)   run_part gla_paths.txt python3 gla_kernel.py --paths ;;
     model)   run_part dig_bench.txt python3 dig.py --bench --cuda-graph --compile ;;
     train)   train "${2:?which model, e.g. DiG-S/2 or DiT-S/2}" ;;
     scaling) scaling ;;
-    *)       sed -n '2,15p' "$0"; exit 2 ;;
+    *)       sed -n '2,17p' "$0"; exit 2 ;;
 esac
