@@ -25,8 +25,8 @@ product; below that the weights are formed element-wise, as a [16, 16, K] tile w
 The Triton version has two paths, forward and backward alike, chosen by the length T:
   one pass (T <= 512): one program per batch and head walks the whole sequence sub-chunk by sub-chunk,
      carrying the state in registers: one launch per direction and no state written to memory. The walk is
-     sequential, so it wins while B * H programs fill the GPU and the walk is short: on an H100 at DiG-S/2
-     shapes it is the faster path up to 512 tokens and the slower one from 1024 (results/gla_paths.txt).
+     sequential, so it wins while B * H programs fill the GPU and the walk is short: at DiG-S/2 shapes it
+     is the faster path at 256 tokens and the slower one from 1024 (results/gla_paths.txt).
   three phases (longer sequences), three launches per direction:
   1. every chunk of 64 tokens in parallel: what it adds to the state (forward) or to the state's gradient
      (backward);
