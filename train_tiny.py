@@ -378,12 +378,15 @@ class TrainStep:
         self.trained = [p for p in self.model_params if p.requires_grad]
         # Every gradient lives in one flat buffer (each .grad is a view of its slice, which backward adds
         # into): one zero_, one all_reduce and one norm for all of them.
-        self.flat_grad = torch.zeros(sum(p.numel() for p in self.trained), device=self.trained[0].device)
-        self.grad_views = list(self.flat_grad.split([p.numel() for p in self.trained]))
-        self.grad_views = [view.view_as(p) for view, p in zip(self.grad_views, self.trained)]
-        for p, view in zip(self.trained, self.grad_views):
-            p.grad = view
+        sizes = [p.numel() for p in self.trained]
+        self.flat_grad = torch.zeros(sum(sizes), device=self.trained[0].device)
+        self.grad_views = [view.view_as(p) for view, p in zip(self.flat_grad.split(sizes), self.trained)]
+        self._set_grads(self.grad_views)
         self.grad_norm = None
+
+    def _set_grads(self, grads):
+        for i, p in enumerate(self.trained):
+            p.grad = None if grads is None else grads[i]
 
     def forward_backward(self, batch, autocast_cache=True):
         """Part 1: the loss of the batch (detached); backward adds the gradients into each p.grad."""
@@ -452,10 +455,6 @@ class CompiledTrainStep(TrainStep):
             self.graph_grads = [p.grad for p in self.trained]   # written by every replay; kept alive here
             torch._foreach_copy_(self.grad_views, self.graph_grads)
         self._set_grads(self.grad_views)
-
-    def _set_grads(self, grads):
-        for i, p in enumerate(self.trained):
-            p.grad = None if grads is None else grads[i]
 
     def __call__(self, batch):
         for name, x in batch.items():
