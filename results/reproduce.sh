@@ -2,8 +2,8 @@
 # Regenerates the README's results on a CUDA machine. Each part runs alone (each within ten minutes on one
 # H100) and writes its printed output to results/, headed by the card, the versions and the commit:
 #
-#   bash results/reproduce.sh tests         # pytest test_dig.py on the GPU           -> results/tests_gpu.txt
-#                                           # (the tests named *gpu* first, then the rest)
+#   bash results/reproduce.sh tests         # pytest test_dig.py on the GPU, from empty compile caches
+#                                           #   -> results/tests_gpu.txt
 #   bash results/reproduce.sh kernel        # python gla_kernel.py                    -> results/gla_bench.txt
 #   bash results/reproduce.sh model         # python dig.py --bench --cuda-graph --compile -> results/dig_bench.txt
 #   bash results/reproduce.sh paths         # one-pass vs three-phase kernel paths     -> results/gla_paths.txt
@@ -77,10 +77,10 @@ PY
 }
 
 case "${1:-}" in
-    tests)   # the GPU-only tests first, so that a run cut short still covers them
-             { header pytest test_dig.py -k gpu, then -k "not gpu"
-               python3 -m pytest test_dig.py -q -rs --durations=5 -p no:cacheprovider -k gpu 2>&1 || true
-               python3 -m pytest test_dig.py -q -rs --durations=5 -p no:cacheprovider -k "not gpu" 2>&1; } \
+    tests)   # the whole suite as a user runs it, with empty Triton and Inductor caches: compilation included
+             export TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+             { header pytest test_dig.py
+               python3 -m pytest test_dig.py -q -rs --durations=10 -p no:cacheprovider 2>&1; } \
                  | tee "$RESULTS/tests_gpu.txt" ;;
     kernel)  run_part gla_bench.txt python3 gla_kernel.py ;;
     paths)   run_part gla_paths.txt python3 gla_kernel.py --paths ;;
