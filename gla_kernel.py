@@ -165,10 +165,10 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
 #
 # SUB = 16 tokens per step of a walk (16 is the smallest tile tl.dot accepts, and it keeps the element-wise
 # [16, 16, K] decay tile small enough for registers); CHUNK = 64 tokens per chunk of the three-phase path.
-# Longer steps are slower, measured on an H100: walking in factored 32- or 64-token steps (16-token ones
-# where the gates are too strong to factor) took 0.222 ms against 0.206 for forward + backward at B, T, H =
-# 64, 256, 6 with 32 tokens, and the backward about 35% longer inside a DiG-S/2 training step with 64. A
-# step's causal part grows with the square of its length; the number of steps only falls in proportion.
+# Longer steps were slower on an H100: walking in factored 32- or 64-token steps (16-token ones where the
+# gates are too strong to factor) lost both in the kernel benchmark at 256 tokens and inside a DiG-S/2
+# training step. A step's causal part grows with the square of its length; the number of steps only falls
+# in proportion.
 # Token t of batch b, head `head`, feature d lives at (b * T + t) * row_stride + head * D + d. A contiguous
 # [B, T, H, D] tensor has row_stride = H * D; a slice of a wider [B, T, W] projection output has W, so q, k
 # and v can be read straight out of one fused input projection without copies.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates the README's results on a CUDA machine. Each part runs alone (each in about ten minutes or less
-# on one H100) and writes its printed output to results/, headed by the card, the versions and the commit:
+# Regenerates the README's results on a CUDA machine. Each part runs alone (on one H100; scaling on two) and
+# writes its printed output to results/, headed by the card, the versions and the commit:
 #
 #   bash results/reproduce.sh tests         # pytest test_dig.py on the GPU, from empty compile caches
 #                                           #   -> results/tests_gpu.txt
