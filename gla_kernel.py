@@ -176,6 +176,14 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
 
 CHUNK, SUB = 64, 16
 
+# Triton compiles a kernel once per combination of its constexpr arguments, and by default also specialises
+# on the values of the others: an integer on being 1 or a multiple of 16, a pointer on being None. Lengths,
+# head counts, flags and the factoring limit are therefore runtime arguments it is told not to specialise
+# on, so that one compiled variant per dtype and head size serves every shape, path and option. The row
+# strides stay specialised: knowing them to be multiples of 16 lets loads be vectorised.
+RUNTIME_ARGS = ["T", "seg_len", "slots", "NT", "H", "factor_limit", "has_start", "store_end", "has_ds_end",
+                "store_ds_start", "has_initial"]
+
 
 @triton.jit
 def _load_tile(ptr, row_stride, b, head, t, cols, T, D: tl.constexpr):
@@ -198,15 +206,34 @@ def _state_slot(ptr, i_bh, slot, slots, K: tl.constexpr, V: tl.constexpr):
 
 
 @triton.jit
-def _sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K: tl.constexpr, V: tl.constexpr):
-    """The inputs of tokens t: q, k as float32 [SUB, K] tiles, v as a [SUB, V] tile in its own dtype, and
-    G (the gates' cumulative sum inside the sub-chunk, [SUB, K]) with G_last, its last row ([K])."""
+def _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K: tl.constexpr, V: tl.constexpr):
+    """The inputs of tokens t as they are in memory: q, k, g as [SUB, K] tiles and v as a [SUB, V] tile."""
     rk, rv = tl.arange(0, K), tl.arange(0, V)
-    qs = _load_tile(q, sq, b, head, t, rk, T, K).to(tl.float32)
-    ks = _load_tile(k, sk, b, head, t, rk, T, K).to(tl.float32)
-    gs = _load_tile(g, sg, b, head, t, rk, T, K).to(tl.float32)
-    vs = _load_tile(v, sv, b, head, t, rv, T, V)
-    return qs, ks, vs, tl.cumsum(gs, axis=0), tl.sum(gs, axis=0)
+    return (_load_tile(q, sq, b, head, t, rk, T, K), _load_tile(k, sk, b, head, t, rk, T, K),
+            _load_tile(g, sg, b, head, t, rk, T, K), _load_tile(v, sv, b, head, t, rv, T, V))
+
+
+@triton.jit
+def _in_float32(q_tile, k_tile, g_tile):
+    """q and k as float32 tiles, and G (the gates' cumulative sum inside the sub-chunk, [SUB, K]) with
+    G_last, its last row ([K])."""
+    gs = g_tile.to(tl.float32)
+    return q_tile.to(tl.float32), k_tile.to(tl.float32), tl.cumsum(gs, axis=0), tl.sum(gs, axis=0)
+
+
+# Each step of a walk depends on the one before it, and with one program per batch and head there are few
+# programs to switch between while a step waits for its inputs to arrive from memory. So every walk asks for
+# the next sub-chunk's inputs before it works on the current one: their trip from memory overlaps the math.
+# The rows it asks for past the segment's end are redirected to row T, which reads as zeros.
+
+@triton.jit
+def _next_rows(t, seg_end, T, SUB: tl.constexpr):
+    return tl.where(t + SUB < seg_end, t + SUB, T)
+
+
+@triton.jit
+def _previous_rows(t, seg_start, T, SUB: tl.constexpr):
+    return tl.where(t - SUB >= seg_start, t - SUB, T)
 
 
 # Inside a sub-chunk, exp(G_i - G_j) = exp(G_i) * exp(-G_j) turns the [SUB, SUB, K] element-wise work into one
@@ -217,8 +244,8 @@ FACTOR_LIMIT = 60.0
 
 
 @triton.jit
-def _factored(G_last, FACTOR_LIMIT: tl.constexpr):
-    return tl.min(G_last, axis=0) > -FACTOR_LIMIT
+def _factored(G_last, factor_limit):
+    return tl.min(G_last, axis=0) > -factor_limit
 
 
 @triton.jit
@@ -230,11 +257,10 @@ def _intra_decay(G, SUB: tl.constexpr):
 
 
 @triton.jit
-def _intra_weights(qs, ks, G, G_last, scale, SUB: tl.constexpr, FACTOR_LIMIT: tl.constexpr,
-                   PRECISION: tl.constexpr):
+def _intra_weights(qs, ks, G, G_last, scale, factor_limit, SUB: tl.constexpr, PRECISION: tl.constexpr):
     """A[i, j] = scale * sum_k q_ik k_jk exp(G_ik - G_jk) for i >= j, 0 above the diagonal: [SUB, SUB]."""
     i = tl.arange(0, SUB)
-    if _factored(G_last, FACTOR_LIMIT):
+    if _factored(G_last, factor_limit):
         A = tl.dot(qs * tl.exp(G), tl.trans(ks * tl.exp(-G)), input_precision=PRECISION)
     else:
         A = tl.sum(qs[:, None, :] * ks[None, :, :] * _intra_decay(G, SUB), axis=2)
@@ -248,10 +274,10 @@ def _advance_state(S, ks, vs, G, G_last, PRECISION: tl.constexpr):
     return S * tl.exp(G_last)[:, None] + tl.dot(tl.trans(k_decayed), vs, input_precision=PRECISION)
 
 
-@triton.jit(do_not_specialize=["T", "seg_len"])   # one compiled variant serves every length
-def _fwd_kernel(q, k, v, g, o, s_start, s_end, sq, sk, sv, sg, T, seg_len, slots, scale, H: tl.constexpr,
-                K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr, FACTOR_LIMIT: tl.constexpr,
-                PRECISION: tl.constexpr, HAS_START: tl.constexpr, STORE_END: tl.constexpr):
+@triton.jit(do_not_specialize=RUNTIME_ARGS)
+def _fwd_kernel(q, k, v, g, o, s_start, s_end, sq, sk, sv, sg, T, seg_len, slots, H, scale, factor_limit,
+                has_start, store_end, K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Outputs of one segment of seg_len tokens, given the state before it. Grid (segments, B * H).
 
     Walks the segment in sub-chunks of SUB tokens, carrying the state: it covers everything before the
@@ -262,28 +288,31 @@ def _fwd_kernel(q, k, v, g, o, s_start, s_end, sq, sk, sv, sg, T, seg_len, slots
     n, i_bh = tl.program_id(0), tl.program_id(1)
     b, head = i_bh // H, i_bh % H
     rv = tl.arange(0, V)
-    if HAS_START:
+    if has_start:
         S = tl.load(_state_slot(s_start, i_bh, n, slots, K, V))                     # [K, V]
     else:
         S = tl.zeros([K, V], dtype=tl.float32)
+    t = n * seg_len + tl.arange(0, SUB)
+    q_tile, k_tile, g_tile, vs = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K, V)
     for s in range(0, tl.cdiv(seg_len, SUB)):
-        t = n * seg_len + s * SUB + tl.arange(0, SUB)
-        qs, ks, vs, G, G_last = _sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K, V)
-        A = _intra_weights(qs, ks, G, G_last, scale, SUB, FACTOR_LIMIT, PRECISION)  # [SUB, SUB]
+        t_next = _next_rows(t, n * seg_len + seg_len, T, SUB)
+        q_next, k_next, g_next, v_next = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t_next, T, K, V)
+        qs, ks, G, G_last = _in_float32(q_tile, k_tile, g_tile)
+        A = _intra_weights(qs, ks, G, G_last, scale, factor_limit, SUB, PRECISION)  # [SUB, SUB]
         q_decayed = (qs * tl.exp(G) * scale).to(vs.dtype)
         os = tl.dot(q_decayed, S.to(vs.dtype), input_precision=PRECISION)           # [SUB, V]
         os += tl.dot(A.to(vs.dtype), vs, input_precision=PRECISION)
         _store_tile(o, os, H * V, b, head, t, rv, T, V)
         S = _advance_state(S, ks, vs, G, G_last, PRECISION)
-    if STORE_END:
+        q_tile, k_tile, g_tile, vs, t = q_next, k_next, g_next, v_next, t_next
+    if store_end:
         tl.store(_state_slot(s_end, i_bh, n, slots, K, V), S)
 
 
-@triton.jit(do_not_specialize=["T", "seg_len"])
+@triton.jit(do_not_specialize=RUNTIME_ARGS)
 def _bwd_kernel(q, k, v, g, do, s_start, ds_end, ds_start, dq, dk, dv, dg, dg_partial, sq, sk, sv, sg, sdo,
-                T, seg_len, slots, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr,
-                FACTOR_LIMIT: tl.constexpr, PRECISION: tl.constexpr, HAS_START: tl.constexpr,
-                HAS_DS_END: tl.constexpr, STORE_DS_START: tl.constexpr):
+                T, seg_len, slots, H, scale, factor_limit, has_start, has_ds_end, store_ds_start,
+                K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
     """dq, dk, dv, dg of one segment, given the state before it (s_start) and the gradient of the state after
     it (ds_end). Grid (segments, B * H). One pass: the segment is the whole sequence, s_start the initial
     state, ds_end the final state's gradient, and the initial state's gradient is stored in ds_start.
@@ -299,19 +328,23 @@ def _bwd_kernel(q, k, v, g, do, s_start, ds_end, ds_start, dq, dk, dv, dg, dg_pa
     rk, rv, i = tl.arange(0, K), tl.arange(0, V), tl.arange(0, SUB)
     causal = i[:, None] >= i[None, :]
     steps = tl.cdiv(seg_len, SUB)
-    if HAS_START:
+    if has_start:
         S = tl.load(_state_slot(s_start, i_bh, n, slots, K, V))                     # [K, V]
     else:
         S = tl.zeros([K, V], dtype=tl.float32)
 
     # Forward walk: dq_i = scale * (exp(G_i) * (do_i @ S^T) + sum_{j<=i} (do_i . v_j) k_j exp(G_i - G_j)).
     qdq_before = tl.zeros([K], dtype=tl.float32)
+    t = n * seg_len + i
+    q_tile, k_tile, g_tile, vs = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K, V)
+    dos = _load_tile(do, sdo, b, head, t, rv, T, V)
     for s in range(0, steps):
-        t = n * seg_len + s * SUB + i
-        qs, ks, vs, G, G_last = _sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K, V)
-        dos = _load_tile(do, sdo, b, head, t, rv, T, V)
+        t_next = _next_rows(t, n * seg_len + seg_len, T, SUB)
+        q_next, k_next, g_next, v_next = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t_next, T, K, V)
+        do_next = _load_tile(do, sdo, b, head, t_next, rv, T, V)
+        qs, ks, G, G_last = _in_float32(q_tile, k_tile, g_tile)
         dA = tl.where(causal, tl.dot(dos, tl.trans(vs), input_precision=PRECISION), 0.0)   # do_i . v_j
-        if _factored(G_last, FACTOR_LIMIT):
+        if _factored(G_last, factor_limit):
             dq_intra = tl.exp(G) * tl.dot(dA, ks * tl.exp(-G), input_precision=PRECISION)
         else:
             dq_intra = tl.sum(dA[:, :, None] * _intra_decay(G, SUB) * ks[None, :, :], axis=1)
@@ -322,9 +355,10 @@ def _bwd_kernel(q, k, v, g, do, s_start, ds_end, ds_start, dq, dk, dv, dg, dg_pa
         _store_tile(dg_partial, -(qdq_before[None, :] + tl.cumsum(qdq, axis=0) - qdq), H * K, b, head, t, rk, T, K)
         qdq_before += tl.sum(qdq, axis=0)
         S = _advance_state(S, ks, vs, G, G_last, PRECISION)
+        q_tile, k_tile, g_tile, vs, dos, t = q_next, k_next, g_next, v_next, do_next, t_next
 
     # S is now the state after the segment.
-    if HAS_DS_END:
+    if has_ds_end:
         dS = tl.load(_state_slot(ds_end, i_bh, n, slots, K, V))                     # [K, V]
     else:
         dS = tl.zeros([K, V], dtype=tl.float32)
@@ -334,39 +368,46 @@ def _bwd_kernel(q, k, v, g, do, s_start, ds_end, ds_start, dq, dk, dv, dg, dg_pa
     # Backward walk: dk_j = exp(G_last - G_j) * (v_j @ dS^T) + scale * sum_{i>=j} (do_i . v_j) q_i exp(G_i - G_j),
     #                dv_j = (k_j * exp(G_last - G_j)) @ dS + sum_{i>=j} A_ij do_i.
     kdk_after = tl.zeros([K], dtype=tl.float32)
+    t = n * seg_len + (steps - 1) * SUB + i
+    q_tile, k_tile, g_tile, vs = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K, V)
+    dos = _load_tile(do, sdo, b, head, t, rv, T, V)
+    dg_part = _load_tile(dg_partial, H * K, b, head, t, rk, T, K)
     for s_rev in range(0, steps):
-        t = n * seg_len + (steps - 1 - s_rev) * SUB + i
-        qs, ks, vs, G, G_last = _sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K, V)
-        dos = _load_tile(do, sdo, b, head, t, rv, T, V)
+        t_next = _previous_rows(t, n * seg_len, T, SUB)
+        q_next, k_next, g_next, v_next = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t_next, T, K, V)
+        do_next = _load_tile(do, sdo, b, head, t_next, rv, T, V)
+        dg_part_next = _load_tile(dg_partial, H * K, b, head, t_next, rk, T, K)
+        qs, ks, G, G_last = _in_float32(q_tile, k_tile, g_tile)
         dA = tl.where(causal, tl.dot(dos, tl.trans(vs), input_precision=PRECISION), 0.0)
         q_decayed = qs * tl.exp(G) * scale
-        if _factored(G_last, FACTOR_LIMIT):
+        if _factored(G_last, factor_limit):
             dk_intra = tl.exp(-G) * tl.dot(tl.trans(dA), q_decayed, input_precision=PRECISION)
         else:
             dk_intra = scale * tl.sum(dA[:, :, None] * _intra_decay(G, SUB) * qs[:, None, :], axis=0)
-        A = _intra_weights(qs, ks, G, G_last, scale, SUB, FACTOR_LIMIT, PRECISION)
+        A = _intra_weights(qs, ks, G, G_last, scale, factor_limit, SUB, PRECISION)
         to_end = tl.exp(G_last[None, :] - G)                                  # [SUB, K]
         dks = to_end * tl.dot(vs, tl.trans(dS.to(vs.dtype)), input_precision=PRECISION) + dk_intra
         dvs = tl.dot((ks * to_end).to(vs.dtype), dS.to(vs.dtype), input_precision=PRECISION)
         dvs += tl.dot(tl.trans(A.to(dos.dtype)), dos, input_precision=PRECISION)
         kdk = ks * dks
         kdk_from_t = kdk_after[None, :] + tl.sum(kdk, axis=0)[None, :] - tl.cumsum(kdk, axis=0) + kdk
-        dgs = dg_carry[None, :] + _load_tile(dg_partial, H * K, b, head, t, rk, T, K) - kdk_from_t
+        dgs = dg_carry[None, :] + dg_part - kdk_from_t
         _store_tile(dk, dks, H * K, b, head, t, rk, T, K)
         _store_tile(dv, dvs, H * V, b, head, t, rv, T, V)
         _store_tile(dg, dgs, H * K, b, head, t, rk, T, K)
         kdk_after += tl.sum(kdk, axis=0)
         dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_decayed.to(dos.dtype)), dos,
                                                    input_precision=PRECISION)
-    if STORE_DS_START:
+        q_tile, k_tile, g_tile, vs, dos, dg_part, t = q_next, k_next, g_next, v_next, do_next, dg_part_next, t_next
+    if store_ds_start:
         tl.store(_state_slot(ds_start, i_bh, n, slots, K, V), dS)
 
 
 # The three-phase path's first two launches: what every chunk adds to the state (in parallel), then the scan.
 
-@triton.jit(do_not_specialize=["T", "NT"])
-def _chunk_update_kernel(x, y, g, out, gate_sum, sx, sy, sg, T, NT, scale, H: tl.constexpr, K: tl.constexpr,
-                         V: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr):
+@triton.jit(do_not_specialize=RUNTIME_ARGS)
+def _chunk_update_kernel(x, y, g, out, gate_sum, sx, sy, sg, T, NT, H, scale, K: tl.constexpr, V: tl.constexpr,
+                         CHUNK: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr):
     """What chunk n adds to the scan, for all chunks in parallel. Grid (NT, B * H).
 
       forward  (x = k, y = v):   U_n = (k * exp(G_last - G))^T @ v      -> out slot n + 1
@@ -399,9 +440,9 @@ def _decay_then_add(a1, u1, a2, u2):
     return a1 * a2, a2 * u1 + u2
 
 
-@triton.jit(do_not_specialize=["NT"])
-def _scan_kernel(states, gate_sum, initial, NT, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr, STEPS: tl.constexpr, HAS_INITIAL: tl.constexpr, REVERSE: tl.constexpr):
+@triton.jit(do_not_specialize=RUNTIME_ARGS)
+def _scan_kernel(states, gate_sum, initial, NT, has_initial, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr, STEPS: tl.constexpr, REVERSE: tl.constexpr):
     """The one sequential step: S <- exp(G_last of chunk n) * S + U_n, chunk after chunk, on a [BK, BV] tile.
 
     Grid (K / BK, V / BV, B * H). On entry `states` holds the updates U_n; on exit, the value at every chunk
@@ -416,7 +457,7 @@ def _scan_kernel(states, gate_sum, initial, NT, K: tl.constexpr, V: tl.constexpr
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rk, rv = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     tile = rk[:, None] * V + rv[None, :]                                      # [BK, BV]
-    if HAS_INITIAL:
+    if has_initial:
         S = tl.load(initial + i_bh.to(tl.int64) * K * V + tile).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
@@ -473,7 +514,15 @@ def _one_pass(T):
 
 
 def _warps(K, V):
-    return 4 if max(K, V) <= 64 else 8
+    # Two warps per program for heads up to DiG's 32 x 64 (measured faster than four on an H100: a walk is a
+    # chain of small dependent steps, which more threads do not shorten), more for larger states.
+    return 2 if K * V <= 32 * 64 else 4 if max(K, V) <= 64 else 8
+
+
+def _or(state, placeholder):
+    """A state buffer, or in its absence another float32 buffer that the kernel is told (by a runtime flag)
+    not to touch. Passing None instead would make Triton compile a separate variant of the kernel."""
+    return state if state is not None else placeholder
 
 
 def _precision(dtype):
@@ -504,14 +553,14 @@ def _boundary_states(x, sx, y, sy, g, sg, initial, scale, reverse):
     NT = triton.cdiv(T, CHUNK)
     states = torch.empty(B, H, NT + 1, K, V, device=x.device, dtype=torch.float32)
     gate_sum = torch.empty(B, H, NT, K, device=x.device, dtype=torch.float32)
-    _chunk_update_kernel[(NT, B * H)](x, y, g, states, gate_sum, sx, sy, sg, T, NT, scale, H, K, V, CHUNK,
+    _chunk_update_kernel[(NT, B * H)](x, y, g, states, gate_sum, sx, sy, sg, T, NT, H, scale, K, V, CHUNK,
                                       REVERSE=reverse, PRECISION=_precision(x.dtype), num_warps=_warps(K, V))
     # Small [16, 16] state tiles: more programs in parallel, and a [STEPS, 16, 16] block of updates that fits
     # in registers. Triton's interpreter runs the prefix scan slowly; blocks of 2 steps keep the CPU tests
     # quick and still take the loop through several blocks and a ragged last one.
     steps = 2 if _interpreting() else 16
-    _scan_kernel[(K // 16, V // 16, B * H)](states, gate_sum, initial, NT, K, V, 16, 16, STEPS=steps,
-                                            HAS_INITIAL=initial is not None, REVERSE=reverse, num_warps=4)
+    _scan_kernel[(K // 16, V // 16, B * H)](states, gate_sum, _or(initial, states), NT, initial is not None,
+                                            K, V, 16, 16, STEPS=steps, REVERSE=reverse, num_warps=4)
     return states
 
 
@@ -523,16 +572,15 @@ def _gla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     V = v.shape[-1]
     initial = initial_state.float().contiguous() if initial_state is not None else None   # [B, H, K, V]
     o = v.new_empty(B, T, H, V)
-    kernel_args = dict(H=H, K=K, V=V, SUB=SUB, FACTOR_LIMIT=FACTOR_LIMIT, PRECISION=_precision(q.dtype),
-                       num_warps=_warps(K, V))
+    kernel_args = dict(K=K, V=V, SUB=SUB, PRECISION=_precision(q.dtype), num_warps=_warps(K, V))
     if _one_pass(T):
         final = torch.empty(B, H, 1, K, V, device=q.device, dtype=torch.float32)
-        _fwd_kernel[(1, B * H)](q, k, v, g, o, initial, final, sq, sk, sv, sg, T, T, 1, scale,
-                                HAS_START=initial is not None, STORE_END=True, **kernel_args)
+        _fwd_kernel[(1, B * H)](q, k, v, g, o, _or(initial, final), final, sq, sk, sv, sg, T, T, 1, H, scale,
+                                FACTOR_LIMIT, initial is not None, True, **kernel_args)
         return o, final
     h = _boundary_states(k, sk, v, sv, g, sg, initial, scale, reverse=False)
-    _fwd_kernel[(h.shape[2] - 1, B * H)](q, k, v, g, o, h, None, sq, sk, sv, sg, T, CHUNK, h.shape[2], scale,
-                                         HAS_START=True, STORE_END=False, **kernel_args)
+    _fwd_kernel[(h.shape[2] - 1, B * H)](q, k, v, g, o, h, h, sq, sk, sv, sg, T, CHUNK, h.shape[2], H, scale,
+                                         FACTOR_LIMIT, True, False, **kernel_args)
     return o, h
 
 
@@ -549,21 +597,20 @@ def _gla_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     dq, dk, dg = q.new_empty(B, T, H, K), k.new_empty(B, T, H, K), g.new_empty(B, T, H, K)
     dv = v.new_empty(B, T, H, V)
     dg_partial = torch.empty(B, T, H, K, device=g.device, dtype=torch.float32)   # the kernel's scratch
-    kernel_args = dict(H=H, K=K, V=V, SUB=SUB, FACTOR_LIMIT=FACTOR_LIMIT, PRECISION=_precision(q.dtype),
-                       num_warps=_warps(K, V))
+    kernel_args = dict(K=K, V=V, SUB=SUB, PRECISION=_precision(q.dtype), num_warps=_warps(K, V))
     grads = (dq, dk, dv, dg, dg_partial, sq, sk, sv, sg, sdo, T)
     if _one_pass(T):
         initial = initial_state.float().contiguous() if initial_state is not None else None
         d_initial = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
-        _bwd_kernel[(1, B * H)](q, k, v, g, do, initial, d_final, d_initial, *grads, T, 1, scale,
-                                HAS_START=initial is not None, HAS_DS_END=d_final is not None,
-                                STORE_DS_START=True, **kernel_args)
+        _bwd_kernel[(1, B * H)](q, k, v, g, do, _or(initial, d_initial), _or(d_final, d_initial), d_initial,
+                                *grads, T, 1, H, scale, FACTOR_LIMIT, initial is not None, d_final is not None,
+                                True, **kernel_args)
         return dq, dk, dv, dg, d_initial
     # dh[:, :, n]: the gradient of the state before chunk n (slot 0 is the initial state's).
     dh = _boundary_states(q, sq, do, sdo, g, sg, d_final, scale, reverse=True)
     slots = states.shape[2]
-    _bwd_kernel[(slots - 1, B * H)](q, k, v, g, do, states, dh[:, :, 1:], None, *grads, CHUNK, slots, scale,
-                                    HAS_START=True, HAS_DS_END=True, STORE_DS_START=False, **kernel_args)
+    _bwd_kernel[(slots - 1, B * H)](q, k, v, g, do, states, dh[:, :, 1:], dh, *grads, CHUNK, slots, H, scale,
+                                    FACTOR_LIMIT, True, True, False, **kernel_args)
     return dq, dk, dv, dg, dh[:, :, 0].clone()
 
 
