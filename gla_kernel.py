@@ -514,8 +514,9 @@ def _one_pass(T):
 
 
 def _warps(K, V):
-    # Two warps per program for heads up to DiG's 32 x 64 (measured faster than four on an H100: a walk is a
-    # chain of small dependent steps, which more threads do not shorten), more for larger states.
+    # Two warps per program for heads up to DiG's 32 x 64 (on an H100 faster than four at every shape of the
+    # benchmark below: a walk is a chain of small dependent steps, which more threads do not shorten), more
+    # for larger states.
     return 2 if K * V <= 32 * 64 else 4 if max(K, V) <= 64 else 8
 
 

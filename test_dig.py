@@ -101,8 +101,8 @@ def assert_close(name, got, ref, tol, magnitude=0.0):
 
 GLA_RESULTS = ["o", "final_state", "dq", "dk", "dv", "dg", "d_initial_state"]
 GLA_SHAPES = [  # B, T, H, K, V: T = 1, lengths off the chunk grid, K != V both ways. Few (K, V) pairs: on a
-    (2, 1, 2, 32, 64),   # GPU each pair, dtype and path is a kernel that Triton compiles, which is most of
-    (2, 17, 2, 32, 16),  # what the GPU tests cost.
+    (2, 1, 2, 32, 64),   # GPU each pair and dtype is a set of kernels that Triton compiles, which is most of
+    (2, 17, 2, 32, 16),  # what the GPU tests cost (other lengths, head counts and options reuse them).
     (1, 64, 3, 16, 32),
     (2, 100, 2, 32, 64),
     (1, 300, 2, 16, 32),

@@ -80,7 +80,7 @@ case "${1:-}" in
     tests)   # the whole suite as a user runs it, with empty Triton and Inductor caches: compilation included
              export TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
              { header pytest test_dig.py
-               python3 -m pytest test_dig.py -q -rs --durations=10 -p no:cacheprovider 2>&1; } \
+               python3 -m pytest test_dig.py -q -rs --durations=30 -p no:cacheprovider 2>&1; } \
                  | tee "$RESULTS/tests_gpu.txt" ;;
     kernel)  run_part gla_bench.txt python3 gla_kernel.py ;;
     paths)   run_part gla_paths.txt python3 gla_kernel.py --paths ;;
