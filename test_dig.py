@@ -269,6 +269,26 @@ def test_triton_final_state_only_depends_on_prefix(path, monkeypatch):
     assert_close("final_state", s2, s, 1e-5)
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_triton_gradients_when_only_the_output_is_used(path, monkeypatch):
+    # DiG's case: no initial state, no final state. The kernels then run with both switched off by runtime
+    # flags (and are handed placeholder buffers they must not read), a case the tests above never reach.
+    force_path(monkeypatch, path)
+    inputs, _ = make_gla_inputs(2, 70, 2, 16, 32, "mixed", False, device=DEVICE)
+    do = torch.randn(2, 70, 2, 32, dtype=torch.float64).to(DEVICE)
+    results = {}
+    for fn, dtype in ((naive_gla, torch.float64), (chunk_gla, torch.float32)):
+        xs = [x.to(dtype).requires_grad_() for x in inputs]
+        o, final_state = fn(*xs)
+        assert final_state is None
+        results[fn] = [o, *torch.autograd.grad(o, xs, do.to(dtype))]
+    o, dq, dk, dv, dg = results[naive_gla]
+    q, k = inputs[:2]
+    dg_terms = (q * dq).norm().item() + (k * dk).norm().item()
+    for name, got, ref in zip(["o", "dq", "dk", "dv", "dg"], results[chunk_gla], results[naive_gla]):
+        assert_close(name, got, ref, 1e-4 if GPU else 1e-5, magnitude=dg_terms if name == "dg" else 0.0)
+
+
 def test_gla_bad_inputs_raise_clear_errors():
     (q, k, v, g), _ = make_gla_inputs(1, 8, 2, 16, 16, "mild", False)
     q, k, v, g = (x.float().to(DEVICE) for x in (q, k, v, g))
