@@ -937,7 +937,13 @@ def main(argv=None):
     rank, world, device = setup_distributed(args.device)
     try:
         fill_defaults(args, world)
-        return train(args, ckpt, rank, world, device)
+        result = train(args, ckpt, rank, world, device)
+        if dist.is_initialized():
+            # Leave together: the other processes finish first (only rank 0 writes the last checkpoint, the
+            # samples and the loss curve), and one tearing down its connections while a peer is still at work
+            # has been seen to abort it (SIGABRT in the process-group shutdown) with all the work done.
+            dist.barrier()
+        return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

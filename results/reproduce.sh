@@ -2,8 +2,8 @@
 # Regenerates the README's results on a CUDA machine. Each part runs alone (on one H100; scaling on two) and
 # writes its printed output to results/, headed by the card, the versions and the commit:
 #
-#   bash results/reproduce.sh tests         # pytest test_dig.py on the GPU, from empty compile caches
-#                                           #   -> results/tests_gpu.txt
+#   bash results/reproduce.sh tests         # pytest -n 8 test_dig.py on the GPU (8 processes, WORKERS=0 for
+#                                           #   one), from empty compile caches -> results/tests_gpu.txt
 #   bash results/reproduce.sh kernel        # python gla_kernel.py                    -> results/gla_bench.txt
 #   bash results/reproduce.sh model         # python dig.py --bench --cuda-graph --compile -> results/dig_bench.txt
 #   bash results/reproduce.sh paths         # one-pass vs three-phase kernel paths     -> results/gla_paths.txt
@@ -21,6 +21,7 @@ export PYTHONUNBUFFERED=1
 RESULTS=${RESULTS:-results}
 RESNET56=${RESNET56:-resnet56-4bfd9763.th}
 MINUTES=${MINUTES:-6}
+WORKERS=${WORKERS:-8}
 export SCALE_MINUTES=${SCALE_MINUTES:-1.5}
 mkdir -p "$RESULTS"
 
@@ -77,10 +78,11 @@ PY
 }
 
 case "${1:-}" in
-    tests)   # the whole suite as a user runs it, with empty Triton and Inductor caches: compilation included
+    tests)   # the whole suite as a user runs it, with empty Triton and Inductor caches: compilation included.
+             # pytest-xdist spreads it over processes, which compile Triton and Inductor kernels side by side.
              export TRITON_CACHE_DIR=$(mktemp -d) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
-             { header pytest test_dig.py
-               python3 -m pytest test_dig.py -q -rs --durations=30 -p no:cacheprovider 2>&1; } \
+             { header pytest -n "$WORKERS" test_dig.py
+               python3 -m pytest -n "$WORKERS" test_dig.py -q -rs --durations=30 -p no:cacheprovider 2>&1; } \
                  | tee "$RESULTS/tests_gpu.txt" ;;
     kernel)  run_part gla_bench.txt python3 gla_kernel.py ;;
     paths)   run_part gla_paths.txt python3 gla_kernel.py --paths ;;
