@@ -2,7 +2,7 @@
 Tests of dig: the GLA kernel (gla_kernel.py), the DiG / DiT models, the diffusion maths and sampling (dig.py)
 and the training script (train_tiny.py). Run them with
 
-    pytest test_dig.py
+    pytest test_dig.py          # or pytest -n 8 test_dig.py: 8 processes (pytest-xdist), for a GPU machine
 
 Sections, in reading order: 1. GLA kernel  2. model  3. diffusion  4. training.
 
