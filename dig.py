@@ -669,7 +669,8 @@ class GaussianDiffusion:
             abar = self._extract(self.alphas_cumprod, t, x)
             abar_prev = self._extract(self.alphas_cumprod_prev, t, x)
             sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-            x = p["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+            # 1 - abar_prev - sigma^2 is ~0 on a jump to t = 0 and can round below it: clamp, or sqrt gives NaN.
+            x = p["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt((1 - abar_prev - sigma ** 2).clamp(min=0)) * eps
             if eta > 0 and i > 0:
                 x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
         return x

@@ -774,6 +774,74 @@ def test_forward_with_cfg():
         torch.testing.assert_close(out[:, C:], torch.cat([cond, uncond])[:, C:], atol=1e-5, rtol=1e-4)
 
 
+# The values the trunk computes, each against its definition written out here (the tests above check
+# shapes, gradients and which tokens a block mixes; these check the numbers).
+
+def test_sincos_pos_embed_known_values():
+    side, freqs = 3, [1.0, 0.01]                    # dim 8: two frequencies, 10000^(-i/2), per axis
+    pe = dig.sincos_pos_embed(8, side)
+    for r in range(side):
+        for c in range(side):
+            want = [f(c * w) for f in (math.sin, math.cos) for w in freqs] + \
+                   [f(r * w) for f in (math.sin, math.cos) for w in freqs]
+            torch.testing.assert_close(pe[r * side + c], torch.tensor(want), atol=1e-6, rtol=0)
+
+
+def test_first_block_sees_patch_embedding_plus_position():
+    torch.manual_seed(0)
+    model, E, p, D = tiny_dig(), 4, 2, 64
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    model(x, t, y)
+    W, b = model.x_embedder.weight.reshape(D, -1), model.x_embedder.bias
+    pe = dig.sincos_pos_embed(D, E)
+    for h in range(E):                              # token h * E + w is the patch at row h, column w
+        for w in range(E):
+            patch = x[:, :, h * p:(h + 1) * p, w * p:(w + 1) * p].reshape(2, -1)
+            torch.testing.assert_close(seen[0][:, h * E + w], patch @ W.T + b + pe[h * E + w], atol=1e-5, rtol=1e-5)
+
+
+def test_unpatchify_puts_every_value_in_its_pixel():
+    model, E, p, C = tiny_dig(in_channels=3), 4, 2, 6          # learned sigma: 2 x 3 output channels
+    tokens = torch.randn(2, E * E, p * p * C)
+    out = model.unpatchify(tokens)                              # [2, C, E p, E p]
+    for h, w, i, j, c in np.ndindex(E, E, p, p, C):
+        assert torch.equal(out[:, c, h * p + i, w * p + j], tokens[:, h * E + w, (i * p + j) * C + c])
+
+
+def test_timestep_features_are_cos_then_sin():
+    emb, seen = dig.TimestepEmbedder(32), []
+    emb.mlp[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    t = torch.tensor([0, 1, 7, 999])
+    emb(t)
+    freqs = [math.exp(-math.log(10000) * i / 128) for i in range(128)]
+    want = [[math.cos(s * f) for f in freqs] + [math.sin(s * f) for f in freqs] for s in t.tolist()]
+    torch.testing.assert_close(seen[0], torch.tensor(want), atol=2e-4, rtol=0)
+
+
+def test_label_dropout_rate():
+    torch.manual_seed(0)
+    emb = tiny_dig(class_dropout_prob=0.1).train().y_embedder    # 0.1, not 0.5: "<" and ">" must differ
+    dropped = (emb(torch.zeros(4000, dtype=torch.long)) == emb.embedding_table.weight[10]).all(1).float().mean()
+    assert 0.07 < dropped < 0.13, dropped
+
+
+def test_adaln_zero_block_matches_its_definition():
+    torch.manual_seed(0)
+    block = tiny_dig().blocks[0]
+    with torch.no_grad():                           # at init the gates are 0; give them values
+        for w in block.adaLN_modulation.parameters():
+            w.normal_(0, 0.3)
+    x, c = torch.randn(2, 16, 64) * 2 + 0.5, torch.randn(2, 64)
+    shift1, scale1, gate1, shift2, scale2, gate2 = (v[:, None] for v in
+                                                    block.adaLN_modulation[1](F.silu(c)).split(64, dim=1))
+    norm = lambda z: F.layer_norm(z, (64,), eps=1e-6)
+    h = x + gate1 * block.mixer(norm(x) * (1 + scale1) + shift1)
+    want = h + gate2 * block.mlp(norm(h) * (1 + scale2) + shift2)
+    torch.testing.assert_close(dig.AdaLNZeroBlock.forward(block, x, c), want)
+
+
 # =========================================================================================================
 # 3. Diffusion (dig.py): the maths of the schedule, the loss and respacing, then sampling
 
@@ -1078,6 +1146,71 @@ def test_sample_rejects_bad_arguments(trained_looking_model):
         dig.sample(trained_looking_model, torch.tensor([1]), steps=5, sampler="euler")
     with pytest.raises(ValueError, match="noise"):
         dig.sample(trained_looking_model, torch.tensor([1]), steps=5, noise=torch.randn(1, 3, 4, 4))
+
+
+def test_fixed_variance_is_the_large_choice(diffusion):
+    # Without a learned sigma the model's variance is beta_t (beta~_1 at t = 0), not the posterior's beta~_t.
+    t = torch.tensor([0, 1, 500, 999])
+    log_var = diffusion._p_from_output(torch.zeros(4, 1, 1, 1), torch.zeros(4, 1, 1, 1), t)["log_variance"].flatten()
+    posterior_1 = beta_by_hand(1) * (1 - abar_by_hand(0)) / (1 - abar_by_hand(1))
+    want = torch.tensor([math.log(posterior_1)] + [math.log(beta_by_hand(s)) for s in (1, 500, 999)])
+    torch.testing.assert_close(log_var, want, rtol=1e-5, atol=0)
+
+
+def test_vb_after_t0_is_the_kl_in_bits(diffusion):
+    # eps off by 0.5 everywhere and v = -1 (the posterior's own variance): per pixel KL = (mu - mu^)^2 / (2 var),
+    # mu - mu^ = coef1 (x0 - x0^) = coef1 sqrt(1 / abar - 1) 0.5; reported in bits.
+    t = torch.tensor([1, 10, 500, 999])
+    x0, noise = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4)
+    out = torch.cat([noise + 0.5, -torch.ones_like(noise)], 1)
+    vb = diffusion.training_losses(lambda x, t: out, x0, t, noise=noise)["vb"]
+    for i, s in enumerate(t.tolist()):
+        beta, abar, abar_prev = beta_by_hand(s), abar_by_hand(s), abar_by_hand(s - 1)
+        var, coef1 = beta * (1 - abar_prev) / (1 - abar), beta * math.sqrt(abar_prev) / (1 - abar)
+        kl = (coef1 * math.sqrt(1 / abar - 1) * 0.5) ** 2 / (2 * var)
+        assert vb[i].item() == pytest.approx(kl / math.log(2), rel=1e-3), s
+
+
+def test_loss_is_mse_plus_vb_and_trains_the_variance(diffusion):
+    t = torch.tensor([0, 5, 500])
+    x0, noise = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    out = torch.cat([noise + 0.1, torch.zeros_like(noise)], 1).requires_grad_()
+    losses = diffusion.training_losses(lambda x, t: out, x0, t, noise=noise)
+    torch.testing.assert_close(losses["loss"], losses["mse"] + losses["vb"])
+    losses["loss"].sum().backward()
+    assert out.grad[:, 2:].abs().max() > 0          # the v channels learn through vb alone
+
+
+def test_ddim_with_noise_takes_the_step_of_the_formula():
+    # Two steps with large betas (0.3, 0.5), a model whose eps is the constant e, x_1 = a, eta = 1. The step
+    # 1 -> 0 draws x_0' = sqrt(abar_0) x0^ + sqrt(1 - abar_0 - s2) e + sqrt(s2) z, with
+    # s2 = (1 - abar_0) / (1 - abar_1) (1 - abar_1 / abar_0); the last step returns (x_0' - sqrt(1 - abar_0) e) / sqrt(abar_0).
+    e, a = 0.3, 0.5
+    model = lambda x, t: torch.cat([torch.full_like(x, e), torch.zeros_like(x)], 1)
+    out = dig.GaussianDiffusion([0.3, 0.5]).ddim_sample_loop(
+        model, (1, 1, 300, 300), noise=torch.full((1, 1, 300, 300), a), eta=1.0,
+        generator=torch.Generator().manual_seed(fresh_seed())).double()
+    abar_0, abar_1 = 0.7, 0.7 * 0.5
+    s2 = (1 - abar_0) / (1 - abar_1) * (1 - abar_1 / abar_0)
+    x0_hat = (a - math.sqrt(1 - abar_1) * e) / math.sqrt(abar_1)
+    mean = x0_hat + (math.sqrt(1 - abar_0 - s2) - math.sqrt(1 - abar_0)) * e / math.sqrt(abar_0)
+    assert out.var().item() == pytest.approx(s2 / abar_0, rel=0.03)
+    assert out.mean().item() == pytest.approx(mean, abs=5 * math.sqrt(s2 / abar_0 / 90000))
+
+
+def test_ddim_with_noise_in_two_steps_is_finite(diffusion):
+    # The jump 999 -> 0 leaves 1 - abar_prev - sigma^2 at ~0, which float32 can round below zero.
+    model = lambda x, t: torch.cat([torch.randn_like(x), torch.zeros_like(x)], 1)
+    out = dig.create_diffusion("2").ddim_sample_loop(model, (2, 1, 8, 8), noise=torch.randn(2, 1, 8, 8), eta=1.0,
+                                                     generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all()
+
+
+def test_ddpm_clips_the_predicted_x0_when_asked():
+    model = lambda x, t: torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])   # eps = 0: x0^ = x / sqrt(abar)
+    out = dig.create_diffusion("2").p_sample_loop(model, (2, 1, 4, 4), noise=torch.full((2, 1, 4, 4), 3.0),
+                                                  clip_denoised=True, generator=torch.Generator().manual_seed(0))
+    assert out.abs().max() <= 1.0
 
 
 # =========================================================================================================
