@@ -7,33 +7,17 @@ grows linearly with the number of image tokens instead of quadratically. A recur
 order, so DiG changes that order from block to block (row-major, reversed, column-major, reversed) and runs a
 3x3 depthwise convolution after every block so that neighbouring patches always see each other.
 
-Read top to bottom:
-  1. conditioning and embeddings (shared with DiT)
-  2. the parts of a DiG block: adaLN-Zero, GLA token mixer, SwiGLU MLP, depthwise convolution
-  3. the scan order, and the DiG block that puts the parts together
-  4. the model: the trunk DiG and DiT share, the final layer, DiG
-  5. the DiT baseline (softmax attention) of the same size, for side-by-side comparisons
-  6. named configurations: DiG-S/2 ... DiG-XL/8, DiT-S/2 ... DiT-XL/8
-  7. Gaussian diffusion as in DiT / IDDPM: schedule, hybrid loss, timestep respacing
-  8. sampling: ancestral DDPM, DDIM, classifier-free guidance
-  9. speed: compile_blocks, the benchmark and the profiler (python dig.py --bench, --profile 2048)
-
-The GLA recurrence itself lives in gla_kernel.py (a Triton kernel on a GPU, a PyTorch chunked path on a CPU).
-
-    model = DiG_models["DiG-S/2"](input_size=32, in_channels=4, num_classes=1000)   # 256 px via SD latents
-    diffusion = create_diffusion()
-    t = torch.randint(0, diffusion.num_timesteps, (len(latents),))
-    loss = diffusion.training_losses(model, latents, t, {"y": labels})["loss"].mean()
-    ...
-    latents = sample(model.eval(), labels, steps=250, cfg_scale=4.0)
+Read top to bottom: 1. conditioning and embeddings (shared with DiT)  2. the parts of a DiG block: adaLN-Zero,
+GLA token mixer, SwiGLU MLP, depthwise convolution  3. the scan order, and the DiG block  4. the model: the trunk
+DiG and DiT share, the final layer, DiG  5. the DiT baseline of the same size (softmax attention)  6. named
+configurations (DiG-S/2 ... DiT-XL/8)  7. Gaussian diffusion as in DiT / IDDPM: schedule, hybrid loss, timestep
+respacing  8. sampling: ancestral DDPM, DDIM, classifier-free guidance  9. speed: compiled blocks, CUDA graphs.
+The GLA recurrence itself lives in gla_kernel.py (a Triton kernel on a GPU, a PyTorch chunked path elsewhere).
 """
 
-import argparse
 import functools
-import gc
 import math
-import statistics
-import time
+import warnings
 
 import numpy as np
 import torch
@@ -55,7 +39,6 @@ def modulate(x, shift, scale):
 
 def sincos_pos_embed(dim, side):
     """Fixed 2D sine-cosine position embedding of a side x side token grid in raster order: [side * side, dim].
-
     The first half of the channels encodes the column, the second half the row; each half is the 1D
     transformer embedding (sin and cos of the position at dim/4 geometrically spaced frequencies).
     """
@@ -173,18 +156,16 @@ class GatedLinearAttention(nn.Module):
         self.head_k, self.head_v = key_dim // num_heads, value_dim // num_heads
         self.scale = self.head_k ** -0.5
         self.gate_normalizer = gate_normalizer
-        # One matmul makes all five inputs of the mixer from x: queries, keys, values, the output gate, and the
-        # first half of the forget gate's rank-16 bottleneck (a few parameters buy a per-token, per-channel
-        # decay). One wide matmul reads x once, where five would each read it and, under autocast, each store
-        # their own bf16 copy of it for the backward.
+        # One matmul makes the mixer's five inputs from x: queries, keys, values, the output gate, and the first
+        # half of the forget gate's rank-16 bottleneck (a per-token, per-channel decay for few parameters). It
+        # reads x once, where five matmuls would each read it and, under autocast, each keep a bf16 copy of it.
         self.split_sizes = (key_dim, key_dim, value_dim, value_dim, gate_rank)
         self.in_proj = nn.Linear(dim, sum(self.split_sizes), bias=False)
         self.forget_gate = nn.Linear(gate_rank, key_dim)          # the bottleneck's second half
         self.norm_weight = nn.Parameter(torch.ones(self.head_v))   # per-head RMSNorm of the output
         self.proj = nn.Linear(value_dim, dim, bias=False)
         # As in the official DiG code (flash-linear-attention's GLA layer), each projection is Xavier with gain
-        # 2**-2.5, smaller than DiT's, which keeps the un-normalised sums of the state small early in training.
-        # in_proj is initialised part by part, exactly as the five separate layers would be.
+        # 2**-2.5, which keeps the state's un-normalised sums small early on; in_proj part by part, as five layers.
         for part in self.in_proj.weight.split(self.split_sizes, dim=0):
             nn.init.xavier_uniform_(part, gain=2 ** -2.5)
         _xavier(self.forget_gate, self.proj, gain=2 ** -2.5)
@@ -200,13 +181,23 @@ class GatedLinearAttention(nn.Module):
         # (0.96 at a zero logit), so the state remembers over tens of tokens rather than a few.
         g = F.logsigmoid(self.forget_gate(gate_low_rank)) / self.gate_normalizer
         g = g.to(q.dtype).view(N, T, H, K)                                      # [N, T, H, K]
-        # The gates are <= 0 by construction, so the kernel's check (a device sync) is switched off.
-        gla = gla_kernel.chunk_gla if q.is_cuda and gla_kernel.HAS_TRITON else gla_kernel.chunk_gla_torch
-        o, _ = gla(q, k, v, g, scale=self.scale, check_gate=False)             # [N, T, H, V]
+        # The gates are <= 0 by construction, so the gate check (a device sync) is switched off.
+        o, _ = self._gla(q)(q, k, v, g, scale=self.scale, check_gate=False)    # [N, T, H, V]
         # Normalise each head (the state's sums have no fixed scale), then gate it with swish(x W_gate).
         o = F.rms_norm(o, (V,), self.norm_weight.to(o.dtype), eps=1e-6)
         o = o * F.silu(out_gate.view(N, T, H, V))
         return self.proj(o.flatten(2))                                          # [N, T, H*V] -> [N, T, D]
+
+    def _gla(self, q):
+        # The Triton kernel on a GPU where it takes these head sizes and dtype; the PyTorch chunked path (the
+        # same maths, slower) everywhere else.
+        if q.is_cuda and gla_kernel.kernel_supports(self.head_k, self.head_v, q.dtype):
+            return gla_kernel.chunk_gla
+        if q.is_cuda:
+            warnings.warn(f"GLA heads of {self.head_k} x {self.head_v} in {q.dtype}: the Triton kernel takes head "
+                          f"sizes {gla_kernel.HEAD_DIMS} in fp16/bf16/fp32, so this model runs the slower PyTorch "
+                          f"chunked path")     # Python shows a warning once per place and message
+        return gla_kernel.chunk_gla_torch
 
 
 class SwiGLU(nn.Module):
@@ -355,8 +346,7 @@ class DiffusionTransformer(nn.Module):
                              f"got {tuple(x.shape)}")
         if t.shape != x.shape[:1] or y.shape != x.shape[:1]:
             raise ValueError(f"t and y must be [N] = [{x.shape[0]}]; got t {tuple(t.shape)}, y {tuple(y.shape)}")
-        # The range check reads the labels on the host: a device sync, which a CUDA graph capture forbids
-        # (train_tiny.py captures whole steps and sampler calls, after eager warm-up calls that do check).
+        # The range check reads the labels on the host, which a CUDA graph capture forbids (its warm-up checks).
         capturing = y.is_cuda and torch.cuda.is_current_stream_capturing()
         if y.is_floating_point() or (not capturing and not ((y >= 0) & (y <= self.num_classes)).all()):
             raise ValueError(f"labels must be integers in [0, {self.num_classes}] ({self.num_classes} is the "
@@ -370,14 +360,12 @@ class DiffusionTransformer(nn.Module):
     def unpatchify(self, x):
         # [N, T, p*p*C] -> [N, C, E*p, E*p]: token (h, w) holds the p x p patch at rows h*p.., columns w*p..
         N, E, p, C = x.shape[0], self.grid_size, self.patch_size, self.out_channels
-        x = x.reshape(N, E, E, p, p, C)
-        x = torch.einsum("nhwpqc->nchpwq", x)
+        x = torch.einsum("nhwpqc->nchpwq", x.reshape(N, E, E, p, p, C))
         return x.reshape(N, C, E * p, E * p)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
         """Classifier-free guidance in one batched pass. The batch is [conditional half; unconditional half]
         (same x, labels then null labels); both halves get eps = eps_uncond + cfg_scale * (eps_cond - eps_uncond).
-
         Guidance is applied to all in_channels of eps. The official DiT applies it to the first 3 channels only,
         a legacy quirk kept there for exact reproducibility; the variance channels are never guided.
         """
@@ -479,8 +467,7 @@ DiT_models = _configs(DiT)
 #
 # Forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, with abar_t = prod_{s<=t} (1 - beta_s).
 # The network predicts eps and, per pixel, a value v (nominally in [-1, 1], not clamped) that places the
-# variance of the reverse step
-# between the two natural choices, beta_t and the true posterior variance ("learned range", in log space).
+# variance of the reverse step between beta_t and the true posterior variance ("learned range", in log space).
 # Loss = MSE(eps) + the variational bound term, which trains only the variance: it sees the predicted mean
 # through a stop-gradient ("hybrid" loss). The schedule arrays are float64 numpy, as in IDDPM; values are
 # looked up per step and used in float32.
@@ -515,12 +502,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 class GaussianDiffusion:
-    """A diffusion process over num_timesteps = len(betas) steps.
-
-    timestep_map[i] is the original step (0..999) that step i of this process stands for; the model is always
-    called with original steps. It is the identity for the full 1000-step process, and a subset for a respaced one
-    (see create_diffusion).
-    """
+    """A diffusion process over num_timesteps = len(betas) steps. timestep_map[i] is the original step (0..999)
+    that step i of this process stands for; the model is always called with original steps (the identity for
+    the full process, a subset for a respaced one)."""
 
     def __init__(self, betas, timestep_map=None):
         self.betas = betas = np.asarray(betas, dtype=np.float64)
@@ -678,9 +662,9 @@ class GaussianDiffusion:
     def _initial_noise(self, model, shape, noise, device, generator):
         if noise is not None:
             return noise
-        if device is None:
-            module = getattr(model, "__self__", model)          # a bound method such as model.forward_with_cfg
-            device = next(module.parameters()).device if isinstance(module, nn.Module) else "cpu"
+        if device is None:    # the device of the model's weights (of a bound method's model, such as forward_with_cfg)
+            parameters = getattr(getattr(model, "__self__", model), "parameters", None)
+            device = next(parameters()).device if callable(parameters) else "cpu"
         return torch.randn(*shape, generator=generator, device=device)
 
     def _steps(self, progress):
@@ -692,7 +676,6 @@ class GaussianDiffusion:
 
 def space_timesteps(num_timesteps, spacing):
     """The original steps a shorter process keeps (sorted), as in IDDPM.
-
     spacing: "250" (250 steps spread evenly, both ends included); "10,15,20" (the steps cut into 3 equal sections,
     that many evenly spread steps from each); a list of such counts; or "ddim50" (a constant stride from step 0).
     """
@@ -702,10 +685,8 @@ def space_timesteps(num_timesteps, spacing):
             if len(range(0, num_timesteps, stride)) == count:
                 return list(range(0, num_timesteps, stride))
         raise ValueError(f"no constant stride takes exactly {count} of {num_timesteps} steps")
-    if isinstance(spacing, str):
-        counts = [int(s) for s in spacing.split(",")]
-    else:
-        counts = [int(spacing)] if isinstance(spacing, int) else [int(s) for s in spacing]
+    counts = spacing.split(",") if isinstance(spacing, str) else [spacing] if isinstance(spacing, int) else spacing
+    counts = [int(s) for s in counts]
     section, extra = divmod(num_timesteps, len(counts))
     kept, start = [], 0
     for i, count in enumerate(counts):
@@ -722,11 +703,9 @@ def space_timesteps(num_timesteps, spacing):
 
 
 def create_diffusion(timestep_respacing="", num_timesteps=1000):
-    """The DiT diffusion: linear betas over 1000 steps, optionally respaced to fewer steps for sampling.
-
-    A respaced process keeps only some steps but must have the same abar_t at each of them, so it uses
-    beta'_i = 1 - abar(kept_i) / abar(kept_{i-1}): the same marginals, bigger jumps.
-    """
+    """The DiT diffusion: linear betas over 1000 steps, optionally respaced to fewer steps for sampling. A
+    respaced process keeps some steps, with the same abar_t at each: beta'_i = 1 - abar(kept_i) / abar(kept_{i-1})
+    gives the same marginals in bigger jumps."""
     betas = linear_betas(num_timesteps)
     if timestep_respacing in ("", None):
         return GaussianDiffusion(betas)
@@ -744,7 +723,6 @@ def create_diffusion(timestep_respacing="", num_timesteps=1000):
 def sample(model, labels, steps=250, cfg_scale=1.0, sampler="ddpm", noise=None, generator=None, eta=0.0,
            clip_denoised=False, progress=False):
     """Generate one sample per label: [N] labels -> x_0 of shape [N, in_channels, input_size, input_size].
-
     steps: the process is respaced to this many evenly spread steps (DiT samples with 250).
     cfg_scale: classifier-free guidance; 1 runs the plain conditional model, any other value runs the batch
         twice (labels, then null labels) in one pass and mixes the two predictions.
@@ -783,31 +761,18 @@ def sample(model, labels, steps=250, cfg_scale=1.0, sampler="ddpm", noise=None, 
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 9. Speed: compile_blocks, the benchmark (python dig.py --bench [--cuda-graph] [--compile]) and the profiler
-#    (python dig.py --profile 2048 [--model DiT-S/2] [--compile])
+# 9. Speed: compiled blocks and CUDA graphs (train_tiny.py uses both on a GPU)
 #
-# The benchmark: one AdamW training step (bf16 autocast, diffusion loss on random latents, backward, optimizer
-# step) of DiG vs DiT with SDPA vs DiT with materialised attention, side by side, all built and run alike.
-# Latents are 4 x px/8 x px/8 (a Stable Diffusion VAE); S/2 runs with 16384 tokens per step (12544 at 1792 px,
-# batch 1), XL/2 with batch 1 at 2048 px (DiT-XL/2 with materialised attention is not run: it cannot fit).
-
-BENCH_CONFIGS = ([("S/2", px, max(1, 16384 // (px // 16) ** 2)) for px in (256, 1024, 1792, 2048)]
-                 + [("XL/2", 2048, 1)])
-BENCH_MODELS = {"DiG": lambda size: DiG_models[f"DiG-{size}"],
-                "DiT-SDPA": lambda size: functools.partial(DiT_models[f"DiT-{size}"], attention="sdpa"),
-                "DiT-mat": lambda size: functools.partial(DiT_models[f"DiT-{size}"], attention="materialized")}
+# Nothing above depends on this section. At small sizes a DiG step is about a thousand small kernels, mostly
+# element-wise work between the matmuls, and launching them from Python takes about as long as running them:
+# compile_blocks fuses the element-wise work, and a CUDA graph lets the GPU replay a step without Python.
 
 
 def compile_blocks(model):
     """torch.compile every block of the model, one by one ("regional" compilation), and return the model.
-
-    Blocks of one class share their code, so this compiles each kind of block once, not once per block (DiG
-    has two kinds: with and without a transpose after it). What it buys is fusion: the normalisations,
-    modulations, gates, activations, residual adds and scan-order permutes around the matmuls and the GLA
-    kernel (an opaque operator to the compiler) become a few generated kernels, forward and backward.
-    --profile shows why that matters: uncompiled, most of a DiG step's GPU time is element-wise work, not
-    matmuls or GLA. DiG blocks also trade memory for recomputation (_forward_recomputing).
-    """
+    Blocks of one class share their code, so each kind of block (DiG has two: with and without a transpose
+    after it) compiles once. The GLA kernel stays an opaque operator; the normalisations, modulations, gates,
+    activations, residual adds and permutes around it and the matmuls become a few generated kernels."""
     for block in model.blocks:
         if isinstance(block, DiGBlock):
             block.forward = functools.partial(_forward_recomputing, block.forward)
@@ -816,11 +781,9 @@ def compile_blocks(model):
 
 
 def _forward_recomputing(forward, x, c):
-    # By default autograd keeps every intermediate the backward reads, and a DiG block has many (the gates,
-    # SwiGLU's product, the normalised GLA output times its swish gate, ...). Compiled, a block keeps only x,
-    # c and what _keep_matmul_inputs_and_outputs names, and its backward recomputes the rest inside kernels it
-    # runs anyway: a lower peak memory for a little more time. Uncompiled,
-    # the recomputation would be a second run of each element-wise op, so only compiled blocks do it.
+    # A DiG block has many intermediates for its backward (gates, SwiGLU's product, the normalised GLA output
+    # times its swish gate, ...). Compiled, it keeps only x, c and what _keep_matmul_inputs_and_outputs names and
+    # recomputes the rest inside kernels its backward runs anyway: less memory for a little more time.
     if not torch.is_grad_enabled():
         return forward(x, c)
     policy = functools.partial(create_selective_checkpoint_contexts, _keep_matmul_inputs_and_outputs)
@@ -828,182 +791,57 @@ def _forward_recomputing(forward, x, c):
 
 
 def _keep_matmul_inputs_and_outputs(ctx, op, *args, **kwargs):
-    # What a compiled DiG block keeps for its backward (see _forward_recomputing). Outputs of matmuls and GLA
-    # cost matmul work to recompute. Casts to bf16 (autocast's) are what the matmuls and the conv read:
-    # normalised-and-modulated activations made from the float32 residual stream, and bf16 weight copies;
-    # recomputing them means another pass over the float32 stream, which measured slower than storing them
-    # in half the bytes. Everything else is element-wise on bf16 values and is recomputed.
+    # Outputs of matmuls and GLA cost matmul work to recompute. Autocast's bf16 casts are what the matmuls and
+    # the conv read: recomputing them costs a pass over the float32 stream, more than storing them in half the
+    # bytes. Everything else is element-wise on bf16 values and is recomputed.
     keep = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.dig.gla_forward.default,
                   torch.ops.aten._to_copy.default)
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def make_train_step(model, batch, device, cuda_graph=False):
-    """A closure running one full training step of model on a fixed random batch of latents.
-
-    With cuda_graph=True the step (forward, backward, AdamW) is captured once as a CUDA graph and the closure
-    replays it: the GPU runs the same kernels without waiting for Python to launch each one. --profile shows
-    why that matters here: at small batches a DiG step spends more time launching kernels than running them.
-    """
-    diffusion = create_diffusion()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda",
-                                  capturable=cuda_graph)
-    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, device=device)
-    t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
-    y = torch.randint(0, model.num_classes, (batch,), device=device)
-
-    def forward_backward_update():
-        # Autocast's cache of bf16 weight copies must be off in a graph: it is emptied after every step.
-        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not cuda_graph):
-            loss = diffusion.training_losses(model, x, t, {"y": y})["loss"].mean()
-        loss.backward()
-        optimizer.step()
-
-    def step():
-        forward_backward_update()
-        optimizer.zero_grad(set_to_none=True)
-
-    if not cuda_graph:
-        return step
-    side = torch.cuda.Stream()       # warm up off the default stream: Triton compiles, AdamW makes its state
+def capture_cuda_graph(fn, warmup=3):
+    """Run fn() `warmup` times (compilation, optimizer state; on a side stream, as CUDA graphs require), then
+    record one call: returns (graph, what that call returned). graph.replay() reruns the recorded kernels on the
+    same memory with no Python in between: fn reads tensors the caller refills in place, and each replay
+    overwrites what it returned. Autocast inside fn needs cache_enabled=False (a cached bf16 weight goes stale)."""
+    side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
+        for _ in range(warmup):
+            fn()
     torch.cuda.current_stream().wait_stream(side)
-    # The capture allocates from a private pool; hand the warm-up's cached blocks back first, or the capture
-    # needs about twice the memory of one step.
-    torch.cuda.synchronize()
+    torch.cuda.synchronize()     # the capture's private pool should not sit beside the warm-up's cached blocks
     torch.cuda.empty_cache()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):    # gradients are None here, so the graph's backward writes them afresh
-        forward_backward_update()
-    return graph.replay
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph, output
 
 
-def _bench_one(make_model, px, batch, device, cuda_graph=False, compile=False):
-    """(ms per step, peak GiB) for one model at one resolution."""
-    torch._dynamo.reset()                          # forget the last model's compiled blocks (and its tensors)
-    gc.collect()                                   # a failed (out of memory) step's tensors die with its traceback
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        # Whatever earlier models left allocated is not this model's; peak memory is counted above it.
-        base = torch.cuda.memory_allocated()
-    with device:                                   # build the weights directly on the device
-        model = make_model(input_size=px // 8).train()
-    if compile:
-        compile_blocks(model)
-    step = make_train_step(model, batch, device, cuda_graph)
-    step()
-    step()                                         # compile Triton kernels, allocate the optimizer state
-    if device.type == "cuda":
-        import triton.testing
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30   # before do_bench adds its flush buffer
-        ms = triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
-        return ms, peak
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        step()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times), float("nan")
+class GraphedDenoiser:
+    """Stands in for a DiG/DiT network in sample(), e.g. sample(GraphedDenoiser(compile_blocks(model)), labels):
+    net(x, t, y) and net.forward_with_cfg(x, t, y, scale), each replayed from a CUDA graph captured when its batch
+    shape (and guidance scale) is first seen. A sampler calls it a hundred times: a capture pays at once."""
 
+    def __init__(self, net):
+        self.net, self.graphs, self.parameters = net, {}, net.parameters
+        self.in_channels, self.input_size, self.num_classes = net.in_channels, net.input_size, net.num_classes
 
-def _is_oom(error):
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+    def __call__(self, x, t, y):
+        return self.forward_with_cfg(x, t, y, cfg_scale=None)
 
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        key = (x.shape, x.dtype, cfg_scale, torch.is_autocast_enabled("cuda"))
+        if key not in self.graphs:
+            inputs = [a.clone() for a in (x, t, y)]
 
-def bench(configs=BENCH_CONFIGS, models=BENCH_MODELS, cuda_graph=False, compile=False):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        print("no CUDA GPU: running a tiny CPU smoke test of the benchmark code; the numbers mean nothing")
-        configs, gpu, cuda_graph, compile = [("S/2", 64, 2)], "CPU", False, False
-    else:
-        gpu = torch.cuda.get_device_name()
-    rows = []                                      # (size, px, batch, {model name: (ms, GiB) or None})
-    for size, px, batch in configs:
-        results = {}
-        for name, make in models.items():
-            if name == "DiT-mat" and size.startswith("XL"):   # its T x T weights need far more than 80 GB
-                results[name] = "not run"
-                continue
-            try:
-                results[name] = _bench_one(make(size), px, batch, device, cuda_graph, compile)
-                ms, gib = results[name]
-                print(f"{name:>9} {size:>4} {px:5d} px batch {batch:3d}: {ms:9.1f} ms {gib:6.1f} GiB", flush=True)
-            except RuntimeError as error:          # torch.cuda.OutOfMemoryError is a RuntimeError
-                if not _is_oom(error):
-                    raise
-                results[name] = None
-                print(f"{name:>9} {size:>4} {px:5d} px batch {batch:3d}: OOM", flush=True)
-        rows.append((size, px, batch, results))
-
-    mode = ("blocks compiled, " if compile else "") + ("replayed as one CUDA graph" if cuda_graph else "eager")
-    print(f"\nOne AdamW training step ({mode}), bf16 autocast, latents 4 x px/8 x px/8; {gpu}, "
-          f"torch {torch.__version__}")
-    print("per model: median ms per step, images per second, peak GiB (torch.cuda.max_memory_allocated)\n")
-    header = f"{'model':>5} {'px':>5} {'batch':>5}"
-    for name in models:
-        header += f" | {name + ' ms':>12} {'img/s':>7} {'GiB':>5}"
-    print(header + " | DiT-SDPA ms / DiG ms")
-    for size, px, batch, results in rows:
-        line = f"{size:>5} {px:5d} {batch:5d}"
-        for name in models:
-            if results[name] in (None, "not run"):
-                line += f" | {results[name] or 'OOM':>26}"
-            else:
-                ms, gib = results[name]
-                line += f" | {ms:12.1f} {1000 * batch / ms:7.1f} {gib:5.1f}"
-        dig_result, sdpa_result = results.get("DiG"), results.get("DiT-SDPA")
-        speedup = f"{sdpa_result[0] / dig_result[0]:.2f}x" if dig_result and sdpa_result else "-"
-        print(line + f" | {speedup}")
-
-
-def profile(px, name="DiG-S/2", batch=None, trace=None, compile=False):
-    """torch.profiler on one training step; prints the top ops by GPU time (optionally a Chrome trace)."""
-    if not torch.cuda.is_available():
-        raise SystemExit("--profile needs a CUDA GPU")
-    registry = DiG_models if name.startswith("DiG") else DiT_models
-    patch = registry[name].keywords["patch_size"]
-    batch = batch or max(1, 16384 // (px // 8 // patch) ** 2)
-    device = torch.device("cuda")
-    with device:
-        model = registry[name](input_size=px // 8).train()
-    if compile:
-        compile_blocks(model)
-    step = make_train_step(model, batch, device)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        step()
-        torch.cuda.synchronize()
-    compiled = ", blocks compiled" if compile else ""
-    print(f"{name} at {px} px, batch {batch}{compiled}, {torch.cuda.get_device_name()}")
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30))
-    if trace:
-        prof.export_chrome_trace(trace)
-        print(f"Chrome trace written to {trace}")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="DiG reference implementation: benchmark and profiler")
-    parser.add_argument("--bench", action="store_true", help="DiG vs DiT (SDPA, materialised) training steps")
-    parser.add_argument("--profile", type=int, metavar="PX", help="profile one training step at PX pixels")
-    parser.add_argument("--model", default="DiG-S/2", help="model for --profile, e.g. DiG-XL/2 or DiT-S/2")
-    parser.add_argument("--batch", type=int, help="batch for --profile (default: 16384 tokens per step)")
-    parser.add_argument("--cuda-graph", action="store_true", help="--bench: capture each training step as a "
-                        "CUDA graph and time its replay (no Python launch overhead)")
-    parser.add_argument("--compile", action="store_true", help="--bench, --profile: torch.compile every block "
-                        "(compile_blocks) of every model")
-    parser.add_argument("--trace", metavar="PATH", help="also write a Chrome trace of the profiled step")
-    args = parser.parse_args()
-    if args.bench:
-        bench(cuda_graph=args.cuda_graph, compile=args.compile)
-    elif args.profile:
-        profile(args.profile, args.model, args.batch, args.trace, args.compile)
-    else:
-        parser.print_help()
+            @torch.no_grad()
+            def denoise():
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=key[-1], cache_enabled=False):
+                    return self.net(*inputs) if cfg_scale is None else self.net.forward_with_cfg(*inputs, cfg_scale)
+            self.graphs[key] = (inputs, *capture_cuda_graph(denoise, warmup=2))
+        inputs, graph, output = self.graphs[key]
+        for static, new in zip(inputs, (x, t, y)):
+            static.copy_(new)
+        graph.replay()
+        return output.clone()    # the next replay overwrites `output`; the sampler may still hold this one

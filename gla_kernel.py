@@ -1,5 +1,5 @@
 """
-Gated Linear Attention (GLA): a naive reference, a PyTorch chunked path, and a compact Triton kernel.
+Gated Linear Attention (GLA): the recurrence, a PyTorch chunked form of it, and a compact Triton kernel.
 
 Layout (as flash-linear-attention's chunk_gla): q, k, g are [B, T, H, K]; v and o are [B, T, H, V].
 g is a log-space forget gate, g <= 0 (DiG uses logsigmoid(x) / 16). For each batch and head a state S of
@@ -14,38 +14,16 @@ G the cumulative sum of g inside a chunk (G_last its last row), a chunk needs on
     o_chunk = scale * (q * exp(G)) @ S_prev  +  scale * tril((q * exp(G)) (k * exp(-G))^T) @ v
     S_next  = diag(exp(G_last)) @ S_prev  +  (k * exp(G_last - G))^T @ v
 
-The trap is exp(-G): with strongly negative gates (g = -5 over 64 tokens is e^320) it overflows float32.
-So the kernels only ever form exp(G) and exp(G_last - G), which are <= 1, and handle the causal part inside
-a chunk in sub-chunks of 16 tokens, carrying the state from one to the next. Inside a sub-chunk
-exp(G_i - G_j) = exp(G_i) * exp(-G_j) is safe while the sub-chunk's summed gate stays above -60 (with DiG's
-gates in practice always: it takes gate logits below -60), which makes its causal weights one small matrix
-product; below that the weights are formed element-wise, as a [16, 16, K] tile whose exponents G_i - G_j
-(i >= j) are never positive.
+The first term is what the past (the state) gives a chunk, the second what the chunk's own tokens give each
+other. The trap is exp(-G): with strongly negative gates (g = -5 over 64 tokens is e^320) it overflows
+float32, so every form below only ever computes exponents that are never positive.
 
-The Triton version has two paths, forward and backward alike, chosen by the length T:
-  one pass (T <= 512): one program per batch and head walks the whole sequence sub-chunk by sub-chunk,
-     carrying the state in registers: one launch per direction and no state written to memory. The walk is
-     sequential, so it wins while B * H programs fill the GPU and the walk is short: at DiG-S/2 shapes it
-     is the faster path at 256 tokens and the slower one from 1024 (results/gla_paths.txt).
-  three phases (longer sequences), three launches per direction:
-  1. every chunk of 64 tokens in parallel: what it adds to the state (forward) or to the state's gradient
-     (backward);
-  2. a scan over the chunks, the one sequential step (parallel over batch, head and tiles of the state; 16
-     chunks at a time through a parallel prefix scan), that turns those into the state (gradient) at every
-     chunk boundary;
-  3. every chunk in parallel again: given its boundary state, its outputs (forward) or dq, dk, dv and dg
-     (backward), walking its four sub-chunks. This is the one-pass kernel run on a 64-token segment.
+Gradient of the gate: o depends on g only through q_t exp(G_t) and k_t exp(-G_t) (G the cumulative sum over
+the whole sequence), so dL/dG_t = q_t * dq_t - k_t * dk_t and dg_t is its reverse cumulative sum.
 
-Gradient of the gate: o depends on g only through q_t exp(G_t) and k_t exp(-G_t) (G the cumulative sum
-over the whole sequence), so dL/dG_t = q_t * dq_t - k_t * dk_t and dg_t is its reverse cumulative sum.
-Inside a chunk we take that sum directly; the part contributed by all later chunks collapses to
-sum_v(S_end * dS_end), the state at the chunk's end times the gradient flowing into it from later chunks.
-
-q, k and v may be head views of one wider tensor (DiG slices them out of one projection output): the
-kernels take each tensor's row stride and read them in place.
-
-Sections: 1. reference and PyTorch chunked path  2. Triton kernels  3. PyTorch operator (forward, backward,
-autograd, checks)  4. benchmark.
+Sections: 1. the recurrence (naive_gla, the ground truth) and the chunked form in PyTorch (chunk_gla_torch)
+2. the Triton kernels  3. the PyTorch operator around them (chunk_gla)  4. a benchmark (python gla_kernel.py).
+Sections 2 to 4 are about speed only: chunk_gla computes exactly what chunk_gla_torch does.
 """
 
 import math
@@ -163,16 +141,24 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
 # -----------------------------------------------------------------------------------------------------------
 # 2. Triton kernels
 #
-# SUB = 16 tokens per step of a walk (16 is the smallest tile tl.dot accepts, and it keeps the element-wise
-# [16, 16, K] decay tile small enough for registers); CHUNK = 64 tokens per chunk of the three-phase path.
-# Longer steps were slower on an H100: walking in factored 32- or 64-token steps (16-token ones where the
-# gates are too strong to factor) lost both in the kernel benchmark at 256 tokens and inside a DiG-S/2
-# training step. A step's causal part grows with the square of its length; the number of steps only falls
-# in proportion.
+# The kernels walk a sequence in sub-chunks of SUB = 16 tokens (the smallest tile tl.dot takes), carrying the
+# state from one to the next. Inside a sub-chunk exp(G_i - G_j) = exp(G_i) * exp(-G_j) is safe while the
+# sub-chunk's summed gate stays above -FACTOR_LIMIT (with DiG's gates always: it takes gate logits below -60),
+# which makes its causal weights one small matrix product; below that they are formed element-wise, as a
+# [16, 16, K] tile whose exponents G_i - G_j (i >= j) are never positive. Longer steps would not pay: a step's
+# causal part grows with the square of its length, the number of steps falls only in proportion.
+#
+# Two paths use these pieces, forward and backward alike, chosen by the length T (section 3):
+#   one pass: one program per batch and head walks the whole sequence, the state in registers.
+#   three phases, for long sequences: (1) every chunk of CHUNK = 64 tokens in parallel computes what it adds
+#     to the state (forward) or to the state's gradient (backward); (2) a scan over the chunks, the one
+#     sequential step, turns these into the state at every chunk boundary; (3) every chunk in parallel walks
+#     its four sub-chunks from its boundary state: the one-pass kernel run on a 64-token segment.
+#
 # Token t of batch b, head `head`, feature d lives at (b * T + t) * row_stride + head * D + d. A contiguous
 # [B, T, H, D] tensor has row_stride = H * D; a slice of a wider [B, T, W] projection output has W, so q, k
-# and v can be read straight out of one fused input projection without copies.
-# States live in float32 buffers of `slots` [K, V] slots per batch-and-head (i_bh = b * H + head).
+# and v can be read straight out of one fused input projection without copies. States live in float32
+# buffers of `slots` [K, V] slots per batch-and-head (i_bh = b * H + head); d_ names a gradient.
 
 CHUNK, SUB = 64, 16
 
@@ -181,8 +167,8 @@ CHUNK, SUB = 64, 16
 # head counts, flags and the factoring limit are therefore runtime arguments it is told not to specialise
 # on, so that one compiled variant per dtype and head size serves every shape, path and option. The row
 # strides stay specialised: knowing them to be multiples of 16 lets loads be vectorised.
-RUNTIME_ARGS = ["T", "seg_len", "slots", "NT", "H", "factor_limit", "has_start", "store_end", "has_ds_end",
-                "store_ds_start", "has_initial"]
+RUNTIME_ARGS = ["T", "seg_len", "slots", "NT", "H", "factor_limit", "has_start", "store_end", "has_d_end",
+                "store_d_start", "has_initial"]
 
 
 @triton.jit
@@ -206,11 +192,12 @@ def _state_slot(ptr, i_bh, slot, slots, K: tl.constexpr, V: tl.constexpr):
 
 
 @triton.jit
-def _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K: tl.constexpr, V: tl.constexpr):
+def _load_sub_chunk(q, k, g, v, stride_q, stride_k, stride_g, stride_v, b, head, t, T, K: tl.constexpr,
+                    V: tl.constexpr):
     """The inputs of tokens t as they are in memory: q, k, g as [SUB, K] tiles and v as a [SUB, V] tile."""
     rk, rv = tl.arange(0, K), tl.arange(0, V)
-    return (_load_tile(q, sq, b, head, t, rk, T, K), _load_tile(k, sk, b, head, t, rk, T, K),
-            _load_tile(g, sg, b, head, t, rk, T, K), _load_tile(v, sv, b, head, t, rv, T, V))
+    return (_load_tile(q, stride_q, b, head, t, rk, T, K), _load_tile(k, stride_k, b, head, t, rk, T, K),
+            _load_tile(g, stride_g, b, head, t, rk, T, K), _load_tile(v, stride_v, b, head, t, rv, T, V))
 
 
 @triton.jit
@@ -236,10 +223,8 @@ def _previous_rows(t, seg_start, T, SUB: tl.constexpr):
     return tl.where(t - SUB >= seg_start, t - SUB, T)
 
 
-# Inside a sub-chunk, exp(G_i - G_j) = exp(G_i) * exp(-G_j) turns the [SUB, SUB, K] element-wise work into one
-# small matrix product, which is far cheaper. That is safe while exp(-G) fits float32 (up to e^88), so the
-# kernels take it when the sub-chunk's summed gate stays above -FACTOR_LIMIT (with DiG's gates, in practice
-# always) and fall back to an element-wise tile with no positive exponent otherwise. Both stay in float32.
+# A sub-chunk's causal weights are factored (exp(G_i) * exp(-G_j), one small matrix product) while its summed
+# gate stays above -FACTOR_LIMIT: exp(-G) then stays below e^60, well inside float32's e^88.
 FACTOR_LIMIT = 60.0
 
 
@@ -275,28 +260,30 @@ def _advance_state(S, ks, vs, G, G_last, PRECISION: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS)
-def _fwd_kernel(q, k, v, g, o, s_start, s_end, sq, sk, sv, sg, T, seg_len, slots, H, scale, factor_limit,
-                has_start, store_end, K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr,
+def _fwd_kernel(q, k, v, g, o, start_states, end_states, stride_q, stride_k, stride_v, stride_g, T, seg_len, slots,
+                H, scale, factor_limit, has_start, store_end, K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr,
                 PRECISION: tl.constexpr):
     """Outputs of one segment of seg_len tokens, given the state before it. Grid (segments, B * H).
 
     Walks the segment in sub-chunks of SUB tokens, carrying the state: it covers everything before the
     sub-chunk, the weights A the causal interactions inside it. One pass: the segment is the whole sequence,
     the start state the initial state (or zeros), and the final state is stored. Three phases: segments are
-    chunks, and s_start holds the state before each of them.
+    chunks, and start_states holds the state before each of them.
     """
     n, i_bh = tl.program_id(0), tl.program_id(1)
     b, head = i_bh // H, i_bh % H
     rv = tl.arange(0, V)
     if has_start:
-        S = tl.load(_state_slot(s_start, i_bh, n, slots, K, V))                     # [K, V]
+        S = tl.load(_state_slot(start_states, i_bh, n, slots, K, V))               # [K, V]
     else:
         S = tl.zeros([K, V], dtype=tl.float32)
     t = n * seg_len + tl.arange(0, SUB)
-    q_tile, k_tile, g_tile, vs = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K, V)
+    q_tile, k_tile, g_tile, vs = _load_sub_chunk(q, k, g, v, stride_q, stride_k, stride_g, stride_v, b, head, t,
+                                                 T, K, V)
     for s in range(0, tl.cdiv(seg_len, SUB)):
         t_next = _next_rows(t, n * seg_len + seg_len, T, SUB)
-        q_next, k_next, g_next, v_next = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t_next, T, K, V)
+        q_next, k_next, g_next, v_next = _load_sub_chunk(q, k, g, v, stride_q, stride_k, stride_g, stride_v, b,
+                                                         head, t_next, T, K, V)
         qs, ks, G, G_last = _in_float32(q_tile, k_tile, g_tile)
         A = _intra_weights(qs, ks, G, G_last, scale, factor_limit, SUB, PRECISION)  # [SUB, SUB]
         q_decayed = (qs * tl.exp(G) * scale).to(vs.dtype)
@@ -306,16 +293,18 @@ def _fwd_kernel(q, k, v, g, o, s_start, s_end, sq, sk, sv, sg, T, seg_len, slots
         S = _advance_state(S, ks, vs, G, G_last, PRECISION)
         q_tile, k_tile, g_tile, vs, t = q_next, k_next, g_next, v_next, t_next
     if store_end:
-        tl.store(_state_slot(s_end, i_bh, n, slots, K, V), S)
+        tl.store(_state_slot(end_states, i_bh, n, slots, K, V), S)
 
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS)
-def _bwd_kernel(q, k, v, g, do, s_start, ds_end, ds_start, dq, dk, dv, dg, dg_partial, sq, sk, sv, sg, sdo,
-                T, seg_len, slots, H, scale, factor_limit, has_start, has_ds_end, store_ds_start,
-                K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
-    """dq, dk, dv, dg of one segment, given the state before it (s_start) and the gradient of the state after
-    it (ds_end). Grid (segments, B * H). One pass: the segment is the whole sequence, s_start the initial
-    state, ds_end the final state's gradient, and the initial state's gradient is stored in ds_start.
+def _bwd_kernel(q, k, v, g, do, start_states, d_end_states, d_start_states, dq, dk, dv, dg, dg_partial, stride_q,
+                stride_k, stride_v, stride_g, stride_do, T, seg_len, slots, H, scale, factor_limit, has_start,
+                has_d_end, store_d_start, K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """dq, dk, dv, dg of one segment, given the state before it (start_states) and the gradient of the state
+    after it (d_end_states). Grid (segments, B * H). One pass: the segment is the whole sequence, start_states
+    the initial state, d_end_states the final state's gradient, and d_start_states receives the initial
+    state's gradient.
 
     A forward walk over the sub-chunks (carrying the state) gives dq; a backward walk (carrying the state's
     gradient) gives dk and dv. dg_t = sum over tokens t' >= t of (q*dq - k*dk)_t', split as
@@ -329,19 +318,21 @@ def _bwd_kernel(q, k, v, g, do, s_start, ds_end, ds_start, dq, dk, dv, dg, dg_pa
     causal = i[:, None] >= i[None, :]
     steps = tl.cdiv(seg_len, SUB)
     if has_start:
-        S = tl.load(_state_slot(s_start, i_bh, n, slots, K, V))                     # [K, V]
+        S = tl.load(_state_slot(start_states, i_bh, n, slots, K, V))               # [K, V]
     else:
         S = tl.zeros([K, V], dtype=tl.float32)
 
     # Forward walk: dq_i = scale * (exp(G_i) * (do_i @ S^T) + sum_{j<=i} (do_i . v_j) k_j exp(G_i - G_j)).
     qdq_before = tl.zeros([K], dtype=tl.float32)
     t = n * seg_len + i
-    q_tile, k_tile, g_tile, vs = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K, V)
-    dos = _load_tile(do, sdo, b, head, t, rv, T, V)
+    q_tile, k_tile, g_tile, vs = _load_sub_chunk(q, k, g, v, stride_q, stride_k, stride_g, stride_v, b, head, t,
+                                                 T, K, V)
+    dos = _load_tile(do, stride_do, b, head, t, rv, T, V)
     for s in range(0, steps):
         t_next = _next_rows(t, n * seg_len + seg_len, T, SUB)
-        q_next, k_next, g_next, v_next = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t_next, T, K, V)
-        do_next = _load_tile(do, sdo, b, head, t_next, rv, T, V)
+        q_next, k_next, g_next, v_next = _load_sub_chunk(q, k, g, v, stride_q, stride_k, stride_g, stride_v, b,
+                                                         head, t_next, T, K, V)
+        do_next = _load_tile(do, stride_do, b, head, t_next, rv, T, V)
         qs, ks, G, G_last = _in_float32(q_tile, k_tile, g_tile)
         dA = tl.where(causal, tl.dot(dos, tl.trans(vs), input_precision=PRECISION), 0.0)   # do_i . v_j
         if _factored(G_last, factor_limit):
@@ -352,14 +343,15 @@ def _bwd_kernel(q, k, v, g, do, s_start, ds_end, ds_start, dq, dk, dv, dg, dg_pa
         dqs = scale * (dq_inter + dq_intra)                                    # [SUB, K]
         _store_tile(dq, dqs, H * K, b, head, t, rk, T, K)
         qdq = qs * dqs
-        _store_tile(dg_partial, -(qdq_before[None, :] + tl.cumsum(qdq, axis=0) - qdq), H * K, b, head, t, rk, T, K)
+        qdq_before_t = qdq_before[None, :] + tl.cumsum(qdq, axis=0) - qdq
+        _store_tile(dg_partial, -qdq_before_t, H * K, b, head, t, rk, T, K)
         qdq_before += tl.sum(qdq, axis=0)
         S = _advance_state(S, ks, vs, G, G_last, PRECISION)
         q_tile, k_tile, g_tile, vs, dos, t = q_next, k_next, g_next, v_next, do_next, t_next
 
     # S is now the state after the segment.
-    if has_ds_end:
-        dS = tl.load(_state_slot(ds_end, i_bh, n, slots, K, V))                     # [K, V]
+    if has_d_end:
+        dS = tl.load(_state_slot(d_end_states, i_bh, n, slots, K, V))              # [K, V]
     else:
         dS = tl.zeros([K, V], dtype=tl.float32)
     dg_carry = tl.sum(S * dS, axis=1) + qdq_before
@@ -369,13 +361,15 @@ def _bwd_kernel(q, k, v, g, do, s_start, ds_end, ds_start, dq, dk, dv, dg, dg_pa
     #                dv_j = (k_j * exp(G_last - G_j)) @ dS + sum_{i>=j} A_ij do_i.
     kdk_after = tl.zeros([K], dtype=tl.float32)
     t = n * seg_len + (steps - 1) * SUB + i
-    q_tile, k_tile, g_tile, vs = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t, T, K, V)
-    dos = _load_tile(do, sdo, b, head, t, rv, T, V)
+    q_tile, k_tile, g_tile, vs = _load_sub_chunk(q, k, g, v, stride_q, stride_k, stride_g, stride_v, b, head, t,
+                                                 T, K, V)
+    dos = _load_tile(do, stride_do, b, head, t, rv, T, V)
     dg_part = _load_tile(dg_partial, H * K, b, head, t, rk, T, K)
     for s_rev in range(0, steps):
         t_next = _previous_rows(t, n * seg_len, T, SUB)
-        q_next, k_next, g_next, v_next = _load_sub_chunk(q, k, g, v, sq, sk, sg, sv, b, head, t_next, T, K, V)
-        do_next = _load_tile(do, sdo, b, head, t_next, rv, T, V)
+        q_next, k_next, g_next, v_next = _load_sub_chunk(q, k, g, v, stride_q, stride_k, stride_g, stride_v, b,
+                                                         head, t_next, T, K, V)
+        do_next = _load_tile(do, stride_do, b, head, t_next, rv, T, V)
         dg_part_next = _load_tile(dg_partial, H * K, b, head, t_next, rk, T, K)
         qs, ks, G, G_last = _in_float32(q_tile, k_tile, g_tile)
         dA = tl.where(causal, tl.dot(dos, tl.trans(vs), input_precision=PRECISION), 0.0)
@@ -399,28 +393,28 @@ def _bwd_kernel(q, k, v, g, do, s_start, ds_end, ds_start, dq, dk, dv, dg, dg_pa
         dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_decayed.to(dos.dtype)), dos,
                                                    input_precision=PRECISION)
         q_tile, k_tile, g_tile, vs, dos, dg_part, t = q_next, k_next, g_next, v_next, do_next, dg_part_next, t_next
-    if store_ds_start:
-        tl.store(_state_slot(ds_start, i_bh, n, slots, K, V), dS)
+    if store_d_start:
+        tl.store(_state_slot(d_start_states, i_bh, n, slots, K, V), dS)
 
 
 # The three-phase path's first two launches: what every chunk adds to the state (in parallel), then the scan.
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS)
-def _chunk_update_kernel(x, y, g, out, gate_sum, sx, sy, sg, T, NT, H, scale, K: tl.constexpr, V: tl.constexpr,
-                         CHUNK: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr):
+def _chunk_update_kernel(x, y, g, states, gate_sum, stride_x, stride_y, stride_g, T, NT, H, scale, K: tl.constexpr,
+                         V: tl.constexpr, CHUNK: tl.constexpr, REVERSE: tl.constexpr, PRECISION: tl.constexpr):
     """What chunk n adds to the scan, for all chunks in parallel. Grid (NT, B * H).
 
-      forward  (x = k, y = v):   U_n = (k * exp(G_last - G))^T @ v      -> out slot n + 1
-      backward (x = q, y = do):  U_n = scale * (q * exp(G))^T @ do     -> out slot n
-    and gate_sum[n] = G_last, the chunk's total log decay. out has NT + 1 slots, one per chunk boundary.
+      forward  (x = k, y = v):   U_n = (k * exp(G_last - G))^T @ v      -> states slot n + 1
+      backward (x = q, y = do):  U_n = scale * (q * exp(G))^T @ do     -> states slot n
+    and gate_sum[n] = G_last, the chunk's total log decay. states has NT + 1 slots, one per chunk boundary.
     """
     n, i_bh = tl.program_id(0), tl.program_id(1)
     b, head = i_bh // H, i_bh % H
     rk, rv = tl.arange(0, K), tl.arange(0, V)
     t = n * CHUNK + tl.arange(0, CHUNK)
-    xc = _load_tile(x, sx, b, head, t, rk, T, K)                               # [CHUNK, K]
-    gc = _load_tile(g, sg, b, head, t, rk, T, K).to(tl.float32)
-    yc = _load_tile(y, sy, b, head, t, rv, T, V)                               # [CHUNK, V]
+    xc = _load_tile(x, stride_x, b, head, t, rk, T, K)                         # [CHUNK, K]
+    gc = _load_tile(g, stride_g, b, head, t, rk, T, K).to(tl.float32)
+    yc = _load_tile(y, stride_y, b, head, t, rv, T, V)                         # [CHUNK, V]
     G = tl.cumsum(gc, axis=0)
     G_last = tl.sum(gc, axis=0)                                                # [K]
     if REVERSE:
@@ -430,7 +424,7 @@ def _chunk_update_kernel(x, y, g, out, gate_sum, sx, sy, sg, T, NT, H, scale, K:
         x_decayed = xc * tl.exp(G_last[None, :] - G)
         slot = n + 1
     U = tl.dot(tl.trans(x_decayed.to(yc.dtype)), yc, input_precision=PRECISION)  # [K, V]
-    tl.store(_state_slot(out, i_bh, slot, NT + 1, K, V), U)
+    tl.store(_state_slot(states, i_bh, slot, NT + 1, K, V), U)
     tl.store(gate_sum + (i_bh.to(tl.int64) * NT + n) * K + rk, G_last)
 
 
@@ -483,19 +477,15 @@ def _scan_kernel(states, gate_sum, initial, NT, has_initial, K: tl.constexpr, V:
 # -----------------------------------------------------------------------------------------------------------
 # 3. The PyTorch operator: forward, backward, and the wrapper that checks its inputs
 #
-# Two ways to run the same kernels, chosen by the sequence length alone:
-#   one pass     (T <= ONE_PASS_MAX_T): one program per batch and head walks the whole sequence, carrying the
-#                state in registers. One launch per direction, and no state ever goes to memory.
-#   three phases (longer sequences): one program per batch, head and chunk is parallel enough for any batch,
-#                at the price of three launches per direction and a round trip of the chunk states.
-# One pass is the three-phase path's per-chunk kernel run on a chunk as long as the sequence. Its walk is
-# sequential, so it wins while B * H programs are enough to fill the GPU and the walk is short; the limit was
-# set by measurement (python gla_kernel.py --paths prints both paths side by side).
+# The path is chosen by the sequence length alone. One pass (T <= ONE_PASS_MAX_T) needs one launch per
+# direction and never writes a state to memory, but its walk is sequential: it wins while B * H programs fill
+# the GPU and the walk is short. Three phases are parallel enough for any batch, at the price of three
+# launches per direction and a round trip of the chunk states. python gla_kernel.py --paths times both.
 #
 # The two directions are registered as PyTorch custom operators (torch.library.custom_op) with an autograd
 # formula: to torch.compile an operator is one opaque call with known output shapes, so a compiled DiG block
 # fuses everything around the kernel and leaves the kernel alone. The forward's second output is what the
-# backward needs besides the inputs: the state at every chunk boundary (three phases), or only the final
+# backward needs besides the inputs: the states at every chunk boundary (three phases), or only the final
 # state (one pass, whose backward recomputes the states as it walks). Either way its last slot is the final
 # state. Outside torch.compile, chunk_gla calls the same two functions through a plain autograd.Function
 # (_EagerGLA), which costs the host less per call than the operator's dispatch.
@@ -503,6 +493,11 @@ def _scan_kernel(states, gate_sum, initial, NT, has_initial, K: tl.constexpr, V:
 ONE_PASS_MAX_T = 512
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernel_supports(K, V, dtype):
+    """Whether chunk_gla runs heads of K x V in this dtype (Triton installed, K and V in HEAD_DIMS)."""
+    return HAS_TRITON and K in HEAD_DIMS and V in HEAD_DIMS and dtype in DTYPES
 
 
 def _interpreting():
@@ -514,9 +509,8 @@ def _one_pass(T):
 
 
 def _warps(K, V):
-    # Two warps per program for heads up to DiG's 32 x 64 (on an H100 faster than four at every shape of the
-    # benchmark below: a walk is a chain of small dependent steps, which more threads do not shorten), more
-    # for larger states.
+    # A walk is a chain of small dependent steps, which more threads do not shorten: two warps for heads up to
+    # DiG's 32 x 64, more only where a larger state needs the registers.
     return 2 if K * V <= 32 * 64 else 4 if max(K, V) <= 64 else 8
 
 
@@ -545,44 +539,48 @@ def _states_shape(B, T, H, K, V):
     return (B, H, 1 if _one_pass(T) else triton.cdiv(T, CHUNK) + 1, K, V)
 
 
-def _boundary_states(x, sx, y, sy, g, sg, initial, scale, reverse):
+def _boundary_states(x, stride_x, y, stride_y, g, stride_g, initial, scale, reverse):
     """Three phases, launches 1 and 2: the state (forward: x, y = k, v) or the state's gradient (backward:
     x, y = q, do) at every chunk boundary, [B, H, NT + 1, K, V] float32. See the two kernels for which slot
-    holds what. x, y, g come as _rows gives them, with their row strides sx, sy, sg."""
+    holds what. x, y, g come as _rows gives them, with their row strides."""
     B, T, H, K = x.shape
     V = y.shape[-1]
     NT = triton.cdiv(T, CHUNK)
     states = torch.empty(B, H, NT + 1, K, V, device=x.device, dtype=torch.float32)
     gate_sum = torch.empty(B, H, NT, K, device=x.device, dtype=torch.float32)
-    _chunk_update_kernel[(NT, B * H)](x, y, g, states, gate_sum, sx, sy, sg, T, NT, H, scale, K, V, CHUNK,
-                                      REVERSE=reverse, PRECISION=_precision(x.dtype), num_warps=_warps(K, V))
+    _chunk_update_kernel[(NT, B * H)](
+        x=x, y=y, g=g, states=states, gate_sum=gate_sum, stride_x=stride_x, stride_y=stride_y, stride_g=stride_g,
+        T=T, NT=NT, H=H, scale=scale, K=K, V=V, CHUNK=CHUNK, REVERSE=reverse, PRECISION=_precision(x.dtype),
+        num_warps=_warps(K, V))
     # Small [16, 16] state tiles: more programs in parallel, and a [STEPS, 16, 16] block of updates that fits
     # in registers. Triton's interpreter runs the prefix scan slowly; blocks of 2 steps keep the CPU tests
     # quick and still take the loop through several blocks and a ragged last one.
-    steps = 2 if _interpreting() else 16
-    _scan_kernel[(K // 16, V // 16, B * H)](states, gate_sum, _or(initial, states), NT, initial is not None,
-                                            K, V, 16, 16, STEPS=steps, REVERSE=reverse, num_warps=4)
+    _scan_kernel[(K // 16, V // 16, B * H)](
+        states=states, gate_sum=gate_sum, initial=_or(initial, states), NT=NT, has_initial=initial is not None,
+        K=K, V=V, BK=16, BV=16, STEPS=2 if _interpreting() else 16, REVERSE=reverse, num_warps=4)
     return states
 
 
 def _gla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
                  initial_state: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """o [B, T, H, V] (dtype of v) and the states [B, H, slots, K, V] (float32) the backward needs."""
-    (q, sq), (k, sk), (v, sv), (g, sg) = _rows(q), _rows(k), _rows(v), _rows(g)
+    (q, stride_q), (k, stride_k), (v, stride_v), (g, stride_g) = _rows(q), _rows(k), _rows(v), _rows(g)
     B, T, H, K = q.shape
     V = v.shape[-1]
     initial = initial_state.float().contiguous() if initial_state is not None else None   # [B, H, K, V]
     o = v.new_empty(B, T, H, V)
-    kernel_args = dict(K=K, V=V, SUB=SUB, PRECISION=_precision(q.dtype), num_warps=_warps(K, V))
+    launch = dict(q=q, k=k, v=v, g=g, o=o, stride_q=stride_q, stride_k=stride_k, stride_v=stride_v,
+                  stride_g=stride_g, T=T, H=H, scale=scale, factor_limit=FACTOR_LIMIT, K=K, V=V, SUB=SUB,
+                  PRECISION=_precision(q.dtype), num_warps=_warps(K, V))
     if _one_pass(T):
         final = torch.empty(B, H, 1, K, V, device=q.device, dtype=torch.float32)
-        _fwd_kernel[(1, B * H)](q, k, v, g, o, _or(initial, final), final, sq, sk, sv, sg, T, T, 1, H, scale,
-                                FACTOR_LIMIT, initial is not None, True, **kernel_args)
+        _fwd_kernel[(1, B * H)](start_states=_or(initial, final), end_states=final, seg_len=T, slots=1,
+                                has_start=initial is not None, store_end=True, **launch)
         return o, final
-    h = _boundary_states(k, sk, v, sv, g, sg, initial, scale, reverse=False)
-    _fwd_kernel[(h.shape[2] - 1, B * H)](q, k, v, g, o, h, h, sq, sk, sv, sg, T, CHUNK, h.shape[2], H, scale,
-                                         FACTOR_LIMIT, True, False, **kernel_args)
-    return o, h
+    states = _boundary_states(k, stride_k, v, stride_v, g, stride_g, initial, scale, reverse=False)
+    _fwd_kernel[(states.shape[2] - 1, B * H)](start_states=states, end_states=states, seg_len=CHUNK,
+                                              slots=states.shape[2], has_start=True, store_end=False, **launch)
+    return o, states
 
 
 def _gla_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -590,7 +588,8 @@ def _gla_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                   d_final_state: Optional[torch.Tensor],
                   scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv, dg (dtypes of the inputs) and the gradient of the initial state [B, H, K, V] (float32)."""
-    (q, sq), (k, sk), (v, sv), (g, sg), (do, sdo) = _rows(q), _rows(k), _rows(v), _rows(g), _rows(do)
+    (q, stride_q), (k, stride_k), (v, stride_v), (g, stride_g) = _rows(q), _rows(k), _rows(v), _rows(g)
+    do, stride_do = _rows(do)
     B, T, H, K = q.shape
     V = v.shape[-1]
     # A gradient made by broadcasting (e.g. from .sum()) has stride 0; the kernels read dense rows.
@@ -598,21 +597,24 @@ def _gla_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     dq, dk, dg = q.new_empty(B, T, H, K), k.new_empty(B, T, H, K), g.new_empty(B, T, H, K)
     dv = v.new_empty(B, T, H, V)
     dg_partial = torch.empty(B, T, H, K, device=g.device, dtype=torch.float32)   # the kernel's scratch
-    kernel_args = dict(K=K, V=V, SUB=SUB, PRECISION=_precision(q.dtype), num_warps=_warps(K, V))
-    grads = (dq, dk, dv, dg, dg_partial, sq, sk, sv, sg, sdo, T)
+    launch = dict(q=q, k=k, v=v, g=g, do=do, dq=dq, dk=dk, dv=dv, dg=dg, dg_partial=dg_partial, stride_q=stride_q,
+                  stride_k=stride_k, stride_v=stride_v, stride_g=stride_g, stride_do=stride_do, T=T, H=H,
+                  scale=scale, factor_limit=FACTOR_LIMIT, K=K, V=V, SUB=SUB, PRECISION=_precision(q.dtype),
+                  num_warps=_warps(K, V))
     if _one_pass(T):
         initial = initial_state.float().contiguous() if initial_state is not None else None
         d_initial = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
-        _bwd_kernel[(1, B * H)](q, k, v, g, do, _or(initial, d_initial), _or(d_final, d_initial), d_initial,
-                                *grads, T, 1, H, scale, FACTOR_LIMIT, initial is not None, d_final is not None,
-                                True, **kernel_args)
+        _bwd_kernel[(1, B * H)](start_states=_or(initial, d_initial), d_end_states=_or(d_final, d_initial),
+                                d_start_states=d_initial, seg_len=T, slots=1, has_start=initial is not None,
+                                has_d_end=d_final is not None, store_d_start=True, **launch)
         return dq, dk, dv, dg, d_initial
-    # dh[:, :, n]: the gradient of the state before chunk n (slot 0 is the initial state's).
-    dh = _boundary_states(q, sq, do, sdo, g, sg, d_final, scale, reverse=True)
+    # d_states[:, :, n]: the gradient of the state before chunk n (slot 0 is the initial state's).
+    d_states = _boundary_states(q, stride_q, do, stride_do, g, stride_g, d_final, scale, reverse=True)
     slots = states.shape[2]
-    _bwd_kernel[(slots - 1, B * H)](q, k, v, g, do, states, dh[:, :, 1:], dh, *grads, CHUNK, slots, H, scale,
-                                    FACTOR_LIMIT, True, True, False, **kernel_args)
-    return dq, dk, dv, dg, dh[:, :, 0].clone()
+    _bwd_kernel[(slots - 1, B * H)](start_states=states, d_end_states=d_states[:, :, 1:], d_start_states=d_states,
+                                    seg_len=CHUNK, slots=slots, has_start=True, has_d_end=True,
+                                    store_d_start=False, **launch)
+    return dq, dk, dv, dg, d_states[:, :, 0].clone()
 
 
 gla_forward_op = torch.library.custom_op("dig::gla_forward", _gla_forward, mutates_args=())
@@ -672,9 +674,9 @@ class _EagerGLA(torch.autograd.Function):
 
 
 def _check_gate(g):
-    if g.numel() and g.max() > 0:
-        raise ValueError(f"gates must be log-space forget gates, g <= 0 (e.g. logsigmoid(x) / 16); "
-                         f"got a maximum of {g.max().item():.4g}")
+    if g.numel() and not bool((g <= 0).all()):       # NaN fails g <= 0 too
+        found = "NaN" if bool(g.isnan().any()) else f"a maximum of {g.max().item():.4g}"
+        raise ValueError(f"gates must be log-space forget gates, g <= 0 (e.g. logsigmoid(x) / 16); got {found}")
 
 
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, check_gate=True):
@@ -686,8 +688,8 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     projection output) are read in place; other non-contiguous inputs are copied first.
     Accumulation and the state are float32; o has the dtype of v, the final state is float32.
 
-    g must be <= 0. With check_gate=True (the default) a positive gate raises ValueError; the check reads
-    g.max(), which costs a device synchronisation, so callers whose gates are <= 0 by construction (DiG's
+    g must be <= 0. With check_gate=True (the default) a positive or NaN gate raises ValueError; the check
+    reads g on the host, which costs a device synchronisation, so callers whose gates are <= 0 by construction (DiG's
     logsigmoid(x) / 16) pass check_gate=False. An unchecked positive gate makes exp(G_i - G_j) grow instead
     of decay: results stay right while the summed gates fit float32 and turn to inf or NaN after that.
     """
@@ -738,18 +740,14 @@ def _copy_bandwidth():
     from triton.testing import do_bench
     x = torch.empty(2 ** 28, device="cuda")
     y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), return_mode="median")
-    return 2 * x.numel() * 4 / (ms * 1e-3)
+    return 2 * x.numel() * 4 / (do_bench(lambda: y.copy_(x), return_mode="median") * 1e-3)
 
 
 def _fwd_bwd_ms(fn, inputs):
     """(eager ms, graph ms) of forward + backward, medians; graph is None if the call cannot be captured."""
     from triton.testing import do_bench, do_bench_cudagraph
     do = torch.randn_like(fn(*inputs))
-
-    def step():
-        torch.autograd.grad(fn(*inputs), inputs, do)
-
+    step = lambda: torch.autograd.grad(fn(*inputs), inputs, do)
     eager = do_bench(step, warmup=25, rep=200, return_mode="median")
     try:
         graph = do_bench_cudagraph(step, rep=200, return_mode="median")
@@ -758,51 +756,51 @@ def _fwd_bwd_ms(fn, inputs):
     return eager, graph
 
 
-def _bench_inputs(B, T, H, K, V, dtype, device="cuda"):
-    q, k = (torch.randn(B, T, H, K, device=device, dtype=dtype) for _ in range(2))
-    v = torch.randn(B, T, H, V, device=device, dtype=dtype)
-    g = (F.logsigmoid(torch.randn(B, T, H, K, device=device)) / 16).to(dtype)
-    return [x.requires_grad_() for x in (q, k, v, g)]
+def _one_pass_limit(limit, fn):
+    """fn with ONE_PASS_MAX_T set to `limit`, restored afterwards whatever happens."""
+    global ONE_PASS_MAX_T
+    saved, ONE_PASS_MAX_T = ONE_PASS_MAX_T, limit
+    try:
+        return fn()
+    finally:
+        ONE_PASS_MAX_T = saved
+
+
+def _ms(times):
+    return " / ".join(f"{t:6.3f}" if t is not None else f"{'-':>6}" for t in times)
 
 
 def benchmark(shapes=BENCH_SHAPES, K=32, V=64, dtype=torch.bfloat16, paths=False):
     """Prints the table; with paths=True also times the one-pass and three-phase paths of every shape."""
-    global ONE_PASS_MAX_T
     try:
         from fla.ops.gla import chunk_gla as fla_chunk_gla
     except ImportError:
         fla_chunk_gla = None
     bandwidth = _copy_bandwidth()
     dig = lambda q, k, v, g: chunk_gla(q, k, v, g, check_gate=False)[0]
-    elem = torch.finfo(dtype).bits // 8
+    fla = lambda q, k, v, g: fla_chunk_gla(q, k, v, g)[0]
     print(f"GLA forward + backward on {torch.cuda.get_device_name()}, {dtype}, K={K} V={V}, torch "
           f"{torch.__version__}, triton {triton.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print("median ms, eager / CUDA graph; floor = bytes that must move / copy bandwidth")
-    header = f"{'B':>3} {'T':>6} {'H':>3} {'floor':>6} | {'dig eager':>9} {'graph':>6} {'x floor':>7}"
-    header += " | " + ("one-pass   three-phase (eager / graph) | " if paths else "")
-    header += f"{'fla eager':>9} {'graph':>6} | {'sdpa eager':>10} {'graph':>6}"
-    print(header)
-    saved_limit = ONE_PASS_MAX_T
+    print(f"{'B':>3} {'T':>6} {'H':>3} {'floor':>6} | {'dig eager / graph':>17} {'x floor':>7} | "
+          + ("one-pass (eager / graph)  three-phase | " if paths else "")
+          + "  fla eager / graph |  sdpa eager / graph")
     for B, T, H in shapes:
-        floor = B * T * H * elem * (9 * K + 5 * V) / bandwidth * 1e3
-        inputs = _bench_inputs(B, T, H, K, V, dtype)
+        floor = B * T * H * (torch.finfo(dtype).bits // 8) * (9 * K + 5 * V) / bandwidth * 1e3
+        q, k = (torch.randn(B, T, H, K, device="cuda", dtype=dtype) for _ in range(2))
+        v = torch.randn(B, T, H, V, device="cuda", dtype=dtype)
+        g = (F.logsigmoid(torch.randn(B, T, H, K, device="cuda")) / 16).to(dtype)
+        inputs = [x.requires_grad_() for x in (q, k, v, g)]
         eager, graph = _fwd_bwd_ms(dig, inputs)
-        line = f"{B:>3} {T:>6} {H:>3} {floor:6.3f} | {eager:9.3f} {graph:6.3f} {graph / floor:6.1f}x | "
+        line = f"{B:>3} {T:>6} {H:>3} {floor:6.3f} | {_ms((eager, graph)):>17} {graph / floor:6.1f}x | "
         if paths:
             for limit in (10 ** 9, 0):
-                ONE_PASS_MAX_T = limit
-                e, g_ = _fwd_bwd_ms(dig, inputs)
-                line += f"{e:6.3f} / {g_:6.3f}  "
-            ONE_PASS_MAX_T = saved_limit
+                line += _ms(_one_pass_limit(limit, lambda: _fwd_bwd_ms(dig, inputs))) + "   "
             line += "| "
-        fla = (lambda q, k, v, g: fla_chunk_gla(q, k, v, g)[0]) if fla_chunk_gla else None
-        e, g_ = _fwd_bwd_ms(fla, inputs) if fla else (None, None)
-        line += f"{e:9.3f} {g_:6.3f} | " if g_ is not None else (f"{e:9.3f} {'-':>6} | " if e else f"{'-':>9} {'-':>6} | ")
-        del inputs
+        line += f"{_ms(_fwd_bwd_ms(fla, inputs) if fla_chunk_gla else (None, None)):>18} | "
+        del inputs, q, k, v, g
         sdpa_inputs = [torch.randn(B, H, T, 64, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)]
-        e, g_ = _fwd_bwd_ms(F.scaled_dot_product_attention, sdpa_inputs)
-        line += f"{e:10.3f} {g_:6.3f}"
-        print(line, flush=True)
+        print(line + f"{_ms(_fwd_bwd_ms(F.scaled_dot_product_attention, sdpa_inputs)):>18}", flush=True)
 
 
 if __name__ == "__main__":
