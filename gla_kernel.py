@@ -125,15 +125,15 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
     A = scale * torch.einsum("bhnik,bhnjk,bhnijk->bhnij", q, k, decay)  # [B, H, n, C, C]
     o = A @ v                                                       # [B, H, n, C, V]
 
-    # Across chunks: carry the state, one step per chunk.
+    # Across chunks: what every chunk adds to the state (one batched matmul), then the state before each chunk
+    # (the one sequential part: a decay and an add per chunk), then what those states give every chunk's outputs.
+    updates = (k * (G_last - G).exp()).transpose(-1, -2) @ v       # [B, H, n, K, V]; exp(G_last - G) <= 1
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
-    q_decayed = q * G.exp()                                         # exp(G) <= 1
-    k_decayed = k * (G_last - G).exp()                              # exp(G_last - G) <= 1
-    o_inter = []
+    states = []
     for i in range(n):
-        o_inter.append(scale * q_decayed[:, :, i] @ S)              # [B, H, C, V]
-        S = G_last[:, :, i, 0, :, None].exp() * S + k_decayed[:, :, i].transpose(-1, -2) @ v[:, :, i]
-    o = o + torch.stack(o_inter, dim=2)
+        states.append(S)
+        S = G_last[:, :, i, 0, :, None].exp() * S + updates[:, :, i]
+    o = o + scale * (q * G.exp()) @ torch.stack(states, dim=2)     # [B, H, n, C, V]; exp(G) <= 1
     o = o.permute(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]    # back to [B, T, H, V]
     return o.to(v.dtype), (S if output_final_state else None)
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Regenerates the README's results on a CUDA machine. Each part runs alone (on one H100; scaling on two) and
+# Regenerates the README's results on a CUDA machine. Each part runs alone (on one GPU; scaling on two) and
 # writes its printed output to results/, headed by the card, the versions and the commit:
 #
 #   bash results/reproduce.sh tests         # pytest -n 8 test_dig.py on the GPU (8 processes, WORKERS=0 for
 #                                           #   one), from empty compile caches -> results/tests_gpu.txt
-#   bash results/reproduce.sh kernel        # python gla_kernel.py                    -> results/gla_bench.txt
-#   bash results/reproduce.sh model         # python dig.py --bench --cuda-graph --compile -> results/dig_bench.txt
-#   bash results/reproduce.sh paths         # one-pass vs three-phase kernel paths     -> results/gla_paths.txt
+#   bash results/reproduce.sh kernel        # python gla_kernel.py --paths (kernel, both paths, SDPA)
+#                                           #   -> results/gla_bench.txt
+#   bash results/reproduce.sh model         # python results/bench_model.py (DiG vs DiT training steps)
+#                                           #   -> results/model_bench.txt
 #   bash results/reproduce.sh train DiG-S/2 # 6 minutes of train_tiny.py, 2,000 samples judged by the ResNet-56
-#                                           #   -> results/train_DiG-S-2.*
+#                                           #   -> results/train_DiG-S-2.* (output, log, scores, grid, curve)
 #   bash results/reproduce.sh train DiT-S/2 # the DiT twin, same recipe and time
 #   bash results/reproduce.sh scaling       # images/s of 2 GPUs (torchrun) vs 1 GPU  -> results/scaling.txt
 #
@@ -52,8 +53,8 @@ train() {
     run_part "train_$name.txt" python3 train_tiny.py --model "$model" --data-dir data --minutes "$MINUTES" \
         --classifier "$RESNET56" --eval-per-class 200 --out "$out" ${TRAIN_FLAGS:-}
     cp "$out/log.csv" "$RESULTS/train_$name.csv"
-    cp "$out/eval.json" "$RESULTS/train_$name.eval.json"
-    cp "$(ls "$out"/samples_*.png | tail -n 1)" "$RESULTS/train_${name}_samples.png"
+    cp "$out"/eval_*.json "$RESULTS/train_$name.eval.json"
+    cp "$(ls "$out"/samples_???????.png | tail -n 1)" "$RESULTS/train_${name}_samples.png"
     cp "$out/loss.png" "$RESULTS/train_${name}_loss.png"
 }
 
@@ -84,10 +85,9 @@ case "${1:-}" in
              { header pytest -n "$WORKERS" test_dig.py
                python3 -m pytest -n "$WORKERS" test_dig.py -q -rs --durations=30 -p no:cacheprovider 2>&1; } \
                  | tee "$RESULTS/tests_gpu.txt" ;;
-    kernel)  run_part gla_bench.txt python3 gla_kernel.py ;;
-    paths)   run_part gla_paths.txt python3 gla_kernel.py --paths ;;
-    model)   run_part dig_bench.txt python3 dig.py --bench --cuda-graph --compile ;;
+    kernel)  run_part gla_bench.txt python3 gla_kernel.py --paths ;;
+    model)   run_part model_bench.txt python3 results/bench_model.py ;;
     train)   train "${2:?which model, e.g. DiG-S/2 or DiT-S/2}" ;;
     scaling) scaling ;;
-    *)       sed -n '2,17p' "$0"; exit 2 ;;
+    *)       sed -n '2,18p' "$0"; exit 2 ;;
 esac
