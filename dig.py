@@ -138,14 +138,15 @@ class AdaLNZeroBlock(nn.Module):
 
 class GatedLinearAttention(nn.Module):
     """GLA token mixer: linear attention whose running state decays through a learned, data-dependent gate.
-
-    Per head, with a state S of shape [K, V] and a forget gate g_t <= 0 (log-space, one value per key channel):
+    Per head, with row vectors q_t, k_t in R^K and v_t in R^V, a state S of shape [K, V] and a forget gate
+    g_t <= 0 (log-space, one value per key channel; not the adaLN gates, nor the output gate below):
 
         S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t
 
-    Each token sees only the tokens before it in the scan order; the scan order changes from block to block.
+    Token t sees the tokens up to and including itself in the scan order, which changes from block to block.
     Keys are half as wide as values (expand_k = 0.5, expand_v = 1): head dims K = D / 2 / heads, V = D / heads.
-    """
+    These choices, the rank-16 forget gate divided by 16 and the output's RMSNorm times swish gate, are the GLA
+    layer of the official DiG code (flash-linear-attention's)."""
 
     def __init__(self, dim, num_heads, gate_rank=16, gate_normalizer=16):
         super().__init__()
@@ -162,10 +163,10 @@ class GatedLinearAttention(nn.Module):
         self.split_sizes = (key_dim, key_dim, value_dim, value_dim, gate_rank)
         self.in_proj = nn.Linear(dim, sum(self.split_sizes), bias=False)
         self.forget_gate = nn.Linear(gate_rank, key_dim)          # the bottleneck's second half
-        self.norm_weight = nn.Parameter(torch.ones(self.head_v))   # per-head RMSNorm of the output
+        self.norm_weight = nn.Parameter(torch.ones(self.head_v))   # RMSNorm over each head, one weight for all
         self.proj = nn.Linear(value_dim, dim, bias=False)
-        # As in the official DiG code (flash-linear-attention's GLA layer), each projection is Xavier with gain
-        # 2**-2.5, which keeps the state's un-normalised sums small early on; in_proj part by part, as five layers.
+        # Each projection is Xavier with gain 2**-2.5 (as in the official code), which keeps the state's
+        # un-normalised sums small early on; in_proj part by part, as five layers.
         for part in self.in_proj.weight.split(self.split_sizes, dim=0):
             nn.init.xavier_uniform_(part, gain=2 ** -2.5)
         _xavier(self.forget_gate, self.proj, gain=2 ** -2.5)
@@ -174,8 +175,8 @@ class GatedLinearAttention(nn.Module):
         N, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k, self.head_v
         q, k, v, out_gate, gate_low_rank = self.in_proj(x).split(self.split_sizes, dim=-1)
-        # q, k, v stay views into the projection output, [N, T, H, K] with rows 3D+16 apart: the kernel reads
-        # rows of any stride, so nothing is copied.
+        # q, k, v stay views into the projection output, consecutive tokens sum(split_sizes) apart: the kernel
+        # reads tokens of any stride, so nothing is copied.
         q, k, v = q.view(N, T, H, K), k.view(N, T, H, K), v.view(N, T, H, V)
         # Log forget gate in (-inf, 0]. Dividing logsigmoid by 16 pulls the per-token decay exp(g) close to 1
         # (0.96 at a zero logit), so the state remembers over tens of tokens rather than a few.
@@ -183,7 +184,7 @@ class GatedLinearAttention(nn.Module):
         g = g.to(q.dtype).view(N, T, H, K)                                      # [N, T, H, K]
         # The gates are <= 0 by construction, so the gate check (a device sync) is switched off.
         o, _ = self._gla(q)(q, k, v, g, scale=self.scale, check_gate=False)    # [N, T, H, V]
-        # Normalise each head (the state's sums have no fixed scale), then gate it with swish(x W_gate).
+        # Normalise each head (the state's sums have no fixed scale), then gate it with silu(out_gate).
         o = F.rms_norm(o, (V,), self.norm_weight.to(o.dtype), eps=1e-6)
         o = o * F.silu(out_gate.view(N, T, H, V))
         return self.proj(o.flatten(2))                                          # [N, T, H*V] -> [N, T, D]
@@ -216,9 +217,9 @@ class SwiGLU(nn.Module):
 
 
 class DepthwiseConv(nn.Module):
-    """3x3 depthwise convolution over the E x E token grid, with bias. No residual: it is identity-initialised
-    (centre tap 1, the rest 0), so it starts as a no-op and learns local mixing between neighbouring patches,
-    which a one-directional scan alone connects poorly (a pixel's upper neighbour is E tokens back)."""
+    """3x3 depthwise convolution over the E x E grid of tokens (E per side), with bias. No residual: it is
+    identity-initialised (centre tap 1, the rest 0), so it starts as a no-op and learns local mixing between
+    neighbouring patches, which a one-directional scan connects poorly (in raster order the patch above is E back)."""
 
     def __init__(self, dim, side):
         super().__init__()
@@ -243,9 +244,9 @@ class DepthwiseConv(nn.Module):
 #
 # A GLA block reads its tokens in one direction, so token t knows nothing about tokens after it. DiG changes the
 # order between blocks: after every block it reverses the sequence, and after every odd block it also
-# transposes the grid. Starting from raster order, block i therefore reads
-#     i % 4 == 0: row-major forward        i % 4 == 1: row-major reversed
-#     i % 4 == 2: column-major forward     i % 4 == 3: column-major reversed
+# transposes the grid. Starting from raster order, block i therefore reads (a 2 x 2 grid: ab/cd)
+#     i % 4 == 0: row-major forward (abcd)         i % 4 == 1: row-major reversed (dcba)
+#     i % 4 == 2: column-major forward (acbd)      i % 4 == 3: column-major reversed (dbca)
 # and after a multiple of 4 blocks the tokens are back in raster order for the final layer.
 
 
@@ -302,7 +303,8 @@ class DiffusionTransformer(nn.Module):
       input_size: side of the (square) input in pixels or latent cells; patch_size must divide it.
       in_channels: channels of the input (4 for Stable Diffusion latents, 3 for pixels).
       num_classes: class labels 0..num_classes-1; num_classes itself is the null label.
-      learn_sigma: also predict the variance of each reverse step, which doubles the output channels.
+      learn_sigma: also predict v, which places the variance of each reverse step (section 7); doubles the
+        output channels.
       class_dropout_prob: how often a training label is dropped to the null label (for guidance).
     """
 
@@ -329,7 +331,7 @@ class DiffusionTransformer(nn.Module):
         """x: [N, in_channels, input_size, input_size]; t: [N] diffusion steps; y: [N] labels.
         force_drop_ids: optional [N], 1 (or True) where the label is replaced by the null label; given, it
         replaces the random label dropout of training mode (train_tiny.py draws it with the rest of a step).
-        Returns [N, out_channels, input_size, input_size]: the predicted noise (and variance values)."""
+        Returns [N, out_channels, input_size, input_size]: the predicted noise (and v, see section 7)."""
         self._check_inputs(x, t, y)
         x = self.x_embedder(x).flatten(2).transpose(1, 2)   # [N, D, E, E] -> [N, T, D], tokens in raster order
         x = x.contiguous() + self.pos_embed                  # row-major: the transpose left [N, D, T] in memory
@@ -364,11 +366,9 @@ class DiffusionTransformer(nn.Module):
         return x.reshape(N, C, E * p, E * p)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance in one batched pass. The batch is [conditional half; unconditional half]
-        (same x, labels then null labels); both halves get eps = eps_uncond + cfg_scale * (eps_cond - eps_uncond).
-        Guidance is applied to all in_channels of eps. The official DiT applies it to the first 3 channels only,
-        a legacy quirk kept there for exact reproducibility; the variance channels are never guided.
-        """
+        """Classifier-free guidance in one batched pass: y is [labels; null labels], and x's second half is ignored
+        (the first is used twice). Both halves get eps = eps_uncond + cfg_scale * (eps_cond - eps_uncond), on all
+        in_channels (the official DiT guides only the first 3, a legacy quirk); v is never guided."""
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half], dim=0), t, y)
         eps, rest = out[:, :self.in_channels], out[:, self.in_channels:]
@@ -449,7 +449,7 @@ class DiT(DiffusionTransformer):
 # 6. Named configurations: (depth, hidden size, heads) per size; patch 2, 4 or 8.
 # Each entry is a function (**kwargs) -> model, e.g. DiG_models["DiG-S/2"](input_size=32, num_classes=10).
 
-SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 18)}
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 18)}   # DiT-XL too: 18 x 64
 
 
 def _configs(cls):

@@ -15,15 +15,13 @@ G the cumulative sum of g inside a chunk (G_last its last row), a chunk needs on
     S_next  = diag(exp(G_last)) @ S_prev  +  (k * exp(G_last - G))^T @ v
 
 The first term is what the past (the state) gives a chunk, the second what the chunk's own tokens give each
-other. The trap is exp(-G): with strongly negative gates (g = -5 over 64 tokens is e^320) it overflows
-float32, so every form below only ever computes exponents that are never positive.
-
-Gradient of the gate: o depends on g only through q_t exp(G_t) and k_t exp(-G_t) (G the cumulative sum over
-the whole sequence), so dL/dG_t = q_t * dq_t - k_t * dk_t and dg_t is its reverse cumulative sum.
+other: C^2 K work per chunk, in parallel, and T / C sequential steps instead of T. The trap is exp(-G): with
+strongly negative gates (g = -5 per token is e^80 over 16 tokens, e^320 over 64) it overflows float32, so every
+form below only ever computes exponents that are never positive.
 
 Sections: 1. the recurrence (naive_gla, the ground truth) and the chunked form in PyTorch (chunk_gla_torch)
 2. the Triton kernels  3. the PyTorch operator around them (chunk_gla)  4. a benchmark (python gla_kernel.py).
-Sections 2 to 4 are about speed only: chunk_gla computes exactly what chunk_gla_torch does.
+Sections 2 to 4 are about speed only: chunk_gla computes the same maths as chunk_gla_torch (equal up to rounding).
 """
 
 import math
@@ -98,11 +96,9 @@ def naive_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
 
 def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_state=False, check_gate=True,
                     chunk_size=16):
-    """The chunked algorithm in plain PyTorch (autograd does the backward): the model's path on a CPU.
-
-    Same arguments and result as chunk_gla (any device, dtype and head size), but no custom kernels: the
-    T-long loop becomes T / chunk_size steps of matrix work. Gates must be <= 0, as for chunk_gla.
-    """
+    """The chunked algorithm in plain PyTorch (autograd does the backward): the model's path on a CPU. Any device,
+    dtype and head size; returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] or None), as chunk_gla.
+    scale defaults to K^-0.5; initial_state is [B, H, K, V] or None; gates must be <= 0 (check_gate checks)."""
     _check_inputs(q, k, v, g, initial_state)
     if check_gate:
         _check_gate(g)
@@ -118,10 +114,10 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
     G = g.cumsum(dim=3)                                            # cumulative gate inside each chunk
     G_last = G[:, :, :, -1:, :]                                    # [B, H, n, 1, K]
 
-    # Inside a chunk: A[i, j] = scale * sum_k q_ik k_jk exp(G_ik - G_jk) for i >= j, formed element-wise so
-    # that no exponent is positive (masked before exp, so the masked entries are exactly 0).
+    # Inside a chunk: A[i, j] = scale * sum_c q_ic k_jc exp(G_ic - G_jc) for i >= j (c a key channel), formed
+    # element-wise so that no exponent is positive (masked before exp, so the masked entries are exactly 0).
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    decay = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~causal[..., None], -math.inf).exp()
+    decay = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~causal[..., None], -math.inf).exp()  # [B,H,n,C,C,K]
     A = scale * torch.einsum("bhnik,bhnjk,bhnijk->bhnij", q, k, decay)  # [B, H, n, C, C]
     o = A @ v                                                       # [B, H, n, C, V]
 
@@ -154,6 +150,10 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
 #     to the state (forward) or to the state's gradient (backward); (2) a scan over the chunks, the one
 #     sequential step, turns these into the state at every chunk boundary; (3) every chunk in parallel walks
 #     its four sub-chunks from its boundary state: the one-pass kernel run on a 64-token segment.
+#
+# The backward's gate gradient: o depends on g only through q_t exp(G_t) and k_t exp(-G_t) (G the cumulative sum
+# over the whole sequence), so with dq = dL/dq and dk = dL/dk, dL/dG_t = q_t dq_t - k_t dk_t (plus, when the final
+# state is used, its own term) and dg_t is the reverse cumulative sum of that.
 #
 # Token t of batch b, head `head`, feature d lives at (b * T + t) * row_stride + head * D + d. A contiguous
 # [B, T, H, D] tensor has row_stride = H * D; a slice of a wider [B, T, W] projection output has W, so q, k

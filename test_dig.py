@@ -227,7 +227,8 @@ def test_triton_reads_strided_inputs(path, seed):
     o_ref, _ = chunk_gla(*dense, g)
     (o_ref * do).sum().backward()
     assert torch.equal(o, o_ref)
-    assert torch.equal(packed.grad, torch.cat([x.grad.flatten(2) for x in dense] + [torch.zeros_like(packed.grad[..., -5:])], 2))
+    unused = torch.zeros_like(packed.grad[..., -5:])
+    assert torch.equal(packed.grad, torch.cat([x.grad.flatten(2) for x in dense] + [unused], 2))
     swapped = [x.detach().transpose(1, 2).contiguous().transpose(1, 2) for x in dense]   # not contiguous
     assert not swapped[0].is_contiguous() and torch.equal(chunk_gla(*swapped, g)[0], o_ref.detach())
 
@@ -447,6 +448,9 @@ def test_gla_mixer_is_causal_and_matches_a_direct_recurrence():
 def test_swiglu_hidden_sizes_and_dit_attention_variants_agree():
     for dim, hidden in [(384, 1024), (768, 2048), (1024, 2816), (1152, 3072)]:
         assert dig.SwiGLU(dim).down.in_features == hidden
+    mlp, x = dig.SwiGLU(64), torch.randn(2, 5, 64)            # down(silu(x W_gate) * x W_value)
+    gate_w, value_w = mlp.up.weight.chunk(2, dim=0)
+    torch.testing.assert_close(mlp(x), (F.silu(x @ gate_w.T) * (x @ value_w.T)) @ mlp.down.weight.T)
     # (no label dropout: in training mode each call would drop other labels)
     sdpa, mat = randomize_(tiny_dit(class_dropout_prob=0)), tiny_dit(attention="materialized", class_dropout_prob=0)
     mat.load_state_dict(sdpa.state_dict())
@@ -1128,6 +1132,22 @@ def test_every_process_draws_its_slice_of_the_same_global_batch():
     assert sorted(epoch.tolist()) == list(range(32))    # one epoch visits every example once
 
 
+def test_draw_batch_flips_left_right_and_drops_labels_at_the_set_rate():
+    n = 2000
+    args, _ = train_tiny.parse_args(TINY + ["--steps", "1", "--batch-size", str(n)])
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8)
+    data = train_tiny.Data(images, torch.arange(n) % 10, False, 10)
+    batch = train_tiny.draw_batch(data, 0, args, 0, 1, torch.Generator())
+    x = images[train_tiny.batch_indices(0, n, n, args.seed)].float() / 127.5 - 1
+    same, mirrored = ((batch["x"] == image).flatten(1).all(1) for image in (x, x.flip(3)))
+    # Binomial(2000, p): standard deviations 0.011 (p = 0.5) and 0.0067 (p = 0.1); the bounds are 4 and 3.7 of them.
+    assert (same | mirrored).all() and 0.455 < mirrored.float().mean() < 0.545        # left-right, half of them
+    assert 0.075 < batch["drop"].float().mean() < 0.125                                # CLASS_DROPOUT = 0.1
+    latents = train_tiny.Data(images.float(), data.y, True, 10)                         # latents are never flipped
+    assert torch.equal(train_tiny.draw_batch(latents, 0, args, 0, 1, torch.Generator())["x"],
+                       images.float()[train_tiny.batch_indices(0, n, n, args.seed)])
+
+
 def test_train_step_is_clip_adamw_and_ema(seed):
     # TrainStep's flat gradient buffer, its clipping and its EMA give what the textbook calls do. Losses are
     # computed alike (equal); the gradient norm is summed in another order (pairwise: log2(n) u = 1.2e-6 of it).
@@ -1138,14 +1158,15 @@ def test_train_step_is_clip_adamw_and_ema(seed):
     batch = train_tiny.draw_batch(data, 0, args, 0, 1, torch.Generator())
     step = train_tiny.TrainStep(model, ema, opt, diffusion, 0.01, 1)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=args.lr, weight_decay=0)
-    for _ in range(2):
+    for clip in (0.01, 1e9):   # a norm above the clip is scaled down to it; one below is left as it is
+        step.grad_clip = clip
         loss, grad_norm = step(batch)
         step.update(args.lr, 0.9)
         ref_loss = diffusion.training_losses(ref, batch["x"], batch["t"], noise=batch["noise"], model_kwargs=dict(
             y=batch["y"], force_drop_ids=batch["drop"]))["loss"].mean()
         ref_opt.zero_grad()
         ref_loss.backward()
-        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.01)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
         ref_opt.step()
         torch._foreach_lerp_(list(ref_ema.parameters()), list(ref.parameters()), 0.1)
         torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-6, atol=0)
@@ -1186,6 +1207,8 @@ def test_reference_run_writes_what_it_says(reference):
     assert result == dict(step=12, out=out)
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
     assert ckpt["step"] == 12 and ckpt["args"]["model"] == "DiG-S/4" and ckpt["data"]["num_classes"] == 10
+    elapsed = np.loadtxt(os.path.join(out, "log.csv"), delimiter=",", skiprows=1)[:, 4]   # the clock runs on
+    assert (np.diff(elapsed) >= 0).all() and elapsed[-1] - 0.05 <= ckpt["elapsed"] < elapsed[-1] + 60   # .1f
     assert all(torch.isfinite(v).all() for v in ckpt["ema"].values() if v.is_floating_point())
     assert logged_steps(out) == list(range(1, 13))
     for name in ("samples_0000006.png", "samples_0000012.png"):
@@ -1201,6 +1224,8 @@ def test_resume_matches_the_uninterrupted_run(reference, cifar_dir, tmp_path):
     train_tiny.main(["--resume", split, "--steps", "12"])
     assert_same_run(split, reference[0])
     assert logged_steps(split) == list(range(1, 13))
+    elapsed = np.loadtxt(os.path.join(split, "log.csv"), delimiter=",", skiprows=1)[:, 4]
+    assert (np.diff(elapsed) >= 0).all()          # the time counts on from the checkpoint's
 
 
 def test_time_budget_stops_the_run_and_a_new_budget_extends_it(cifar_dir, tmp_path):
@@ -1229,10 +1254,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(reference, cifar_dir,
     assert_same_run(out, reference[0])
 
 
-def test_ema_decay_0_keeps_the_ema_equal_to_the_model(cifar_dir, tmp_path):
-    out = str(tmp_path / "ema0")
-    train_tiny.main(TINY + ["--data-dir", cifar_dir, "--out", out, "--steps", "2", "--ema", "0"])
+def test_the_run_moves_the_ema_by_its_schedule(cifar_dir, tmp_path):
+    # After one step the EMA is decay * initial + (1 - decay) * model with decay = ema_decay(0, 0.99) = 0.1, the
+    # initial weights rebuilt from the seed; with --ema 0 it is the model at every step.
+    out, ema0 = str(tmp_path / "ema"), str(tmp_path / "ema0")
+    train_tiny.main(TINY + ["--data-dir", cifar_dir, "--out", out, "--steps", "1", "--ema", "0.99"])
+    args, ckpt = train_tiny.parse_args(["--resume", out])
+    initial = train_tiny.build_run(args, None, ckpt["data"], torch.device("cpu"))[0].state_dict()
     model, ema = load(out), load(out, "ema")
+    for k in model:
+        torch.testing.assert_close(ema[k], 0.1 * initial[k] + 0.9 * model[k], msg=k)
+    train_tiny.main(TINY + ["--data-dir", cifar_dir, "--out", ema0, "--steps", "2", "--ema", "0"])
+    model, ema = load(ema0), load(ema0, "ema")
     assert model.keys() == ema.keys() and all(torch.equal(model[k], ema[k]) for k in model)
 
 

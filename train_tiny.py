@@ -43,8 +43,8 @@ import dig
 # 1. The recipe. Every setting is a command-line flag; these are the defaults on a GPU and on a CPU.
 #
 # GPU: recognisable class-conditional CIFAR-10 samples in minutes on one GPU. The official DiT recipe (AdamW
-# lr 1e-4, constant; EMA 0.9999; no warm-up; no guidance) is made for 400K steps; in the few thousand steps of
-# a short run it leaves blurry blobs. What changes, and why:
+# lr 1e-4, constant; EMA 0.9999; no warm-up; samples at guidance 1.5 for FID) is made for 400K steps; in the few
+# thousand steps of a short run it leaves blurry blobs. What changes, and why:
 #   * lr 6e-4 after a 1000-step linear warm-up: a small model on 256 tokens takes a much larger step than
 #     DiT-XL does, and the warm-up lets the adaLN modulations grow from their zero initialisation before the
 #     steps get large; the gradient norm is clipped at 1 as a second guard against early spikes.
@@ -58,8 +58,9 @@ import dig
 #     ancestral steps are plenty at 32x32.
 #   * a time budget (--minutes) instead of a step count, since the speed of the GPU is not known in advance;
 #     the learning rate is constant after warm-up so that nothing depends on the total number of steps.
-# CPU: a smoke test, a 4-block, 128-wide DiG on 4x4 patches, that shows the whole pipeline in a few minutes.
-# Both keep DiT's diffusion (1000 steps, learned variance, hybrid loss) and its label dropout of 0.1.
+# CPU: a smoke test, a 4-block, 128-wide DiG on 4x4 patches, that shows the whole pipeline in about a minute.
+# Both keep DiT's diffusion (1000 steps, learned variance, hybrid loss) and its label dropout of 0.1. On a GPU
+# the network runs under bf16 autocast, on a CPU in float32.
 
 def default_config(on_gpu):
     if on_gpu:
@@ -93,7 +94,7 @@ def ema_decay(step, target):
 #   2. the gradients averaged over processes (what DistributedDataParallel does), and their norm
 #   3. update: gradient clipping, AdamW and the EMA, once the loop has seen that loss and norm are finite
 
-Data = collections.namedtuple("Data", "x y latent num_classes")   # x: uint8 pixels or float latents, y: labels
+Data = collections.namedtuple("Data", "x y latent num_classes")   # x: [N, C, H, W] uint8 pixels or float latents
 
 
 def draw_batch(data, step, args, rank, world, generator):
@@ -102,7 +103,7 @@ def draw_batch(data, step, args, rank, world, generator):
     n, device = args.batch_size, generator.device
     generator.manual_seed(args.seed * 1_000_003 + step)
     mine = slice(rank * n // world, (rank + 1) * n // world)
-    idx = batch_indices(step, len(data.x), n, args.seed)[mine].to(data.x.device)
+    idx = batch_indices(step, len(data.x), n, args.seed)[mine].to(data.x.device)   # an epoch's permutation, seeded
     x, y = data.x[idx].to(device), data.y[idx].to(device)
     if not data.latent:
         flip = torch.rand(n, 1, 1, 1, generator=generator, device=device)[mine] < 0.5
@@ -132,7 +133,8 @@ class TrainStep:
             p.grad = None if grads is None else grads[i]
 
     def forward_backward(self, batch, autocast_cache=True):
-        """Part 1: the loss of the batch (detached); backward adds the gradients into each p.grad."""
+        """Part 1: the loss of the batch (detached); backward adds the gradients into each p.grad. (A CUDA graph
+        needs autocast's cache of bf16 weight copies off: section 8.)"""
         device = self.flat_grad.device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
                             cache_enabled=autocast_cache):
@@ -197,7 +199,8 @@ def train(args, ckpt, rank, world, device):
     last_ckpt, time_up = step, elapsed >= log.budget       # a run resumed with its time spent trains no more
     with StopRequests() as stop_requests:
         while (args.steps is None or step < args.steps) and not time_up:
-            # 1 + 2: forward and backward, gradients averaged; every process agrees on the loss and on stopping
+            # 1 + 2: forward and backward, gradients averaged; the step's one synchronisation (agree) gives every
+            # process the mean loss and whether any is out of time or got a stop signal (StopRequests, section 9)
             loss, grad_norm = train_step(draw_batch(data, step, args, rank, world, generator))
             loss, grad_norm, time_up, stop = agree(loss, grad_norm, log.out_of_time(), stop_requests.signal)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -219,7 +222,7 @@ def train(args, ckpt, rank, world, device):
                     return dict(step=step, out=args.out, stopped=stop)
                 if args.sample_every and step % args.sample_every == 0:
                     log.seconds_per_image = save_sample_grid(sample_net, data, step, args, rank, world)
-        if last_ckpt != step or not os.path.exists(os.path.join(args.out, "ckpt.pt")):   # still shielded from signals
+        if last_ckpt != step or not os.path.exists(os.path.join(args.out, "ckpt.pt")):   # signals still just noted
             save_checkpoint(args, model, ema, opt, data, step, log, rank, world)
     # The end: the last sample grid, the loss curve, and with --classifier samples judged by the ResNet-56.
     if not args.sample_every or step % args.sample_every:
