@@ -243,7 +243,13 @@ def make_train_step(model, ema, opt, args, world, log, example_batch):
     start = time.time()
     step = CompiledTrainStep(dig.compile_blocks(model), ema, opt, diffusion, args.grad_clip, world, example_batch)
     log.say(f"compiled the blocks and captured the training step as a CUDA graph in {time.time() - start:.0f} s")
-    return step, dig.GraphedDenoiser(dig.compile_blocks(ema))
+    return step, sampling_network(ema, args)
+
+
+def sampling_network(ema, args):
+    """The EMA network as the sampler calls it: on a GPU (without --eager) replayed from CUDA graphs."""
+    fast = ema.pos_embed.device.type == "cuda" and not args.eager
+    return dig.GraphedDenoiser(dig.compile_blocks(ema)) if fast else ema
 
 
 def stop_on_nan(loss, grad_norm, step, last_ckpt, args):
@@ -258,7 +264,7 @@ def sample_from_run(args, ckpt, rank, world, device):
     """--sample N: N samples from the EMA weights of a finished run (labels 0, 1, ..., 0, 1, ...) in an .npz
     and a grid of the first 100, judged too with --classifier; no training. Each process makes its share."""
     _, ema, _, step, _ = build_run(args, ckpt, ckpt["data"], device)
-    net = dig.GraphedDenoiser(dig.compile_blocks(ema)) if device.type == "cuda" and not args.eager else ema
+    net = sampling_network(ema, args)
     return dict(step=step, out=args.out, **sample_and_judge(net, args.sample, step, ckpt["data"], args, rank, world))
 
 
@@ -805,7 +811,8 @@ class Progress:
     def report(self, step, lr):
         now = time.time()
         sec_per_step = (now - self.time) / (step - self.step)
-        left = min(self.budget - self.elapsed(), (self.args.steps or math.inf) * sec_per_step - step * sec_per_step)
+        steps_left = self.args.steps - step if self.args.steps else math.inf
+        left = min(self.budget - self.elapsed(), steps_left * sec_per_step)
         sampling = self.final_images * self.seconds_per_image
         loss, speed = sum(self.losses) / len(self.losses), self.args.batch_size / sec_per_step
         self.say(f"step {step}{f'/{self.args.steps}' if self.args.steps else ''} | loss {loss:.4f} | {speed:.0f} "
