@@ -65,18 +65,21 @@ import dig
 def default_config(on_gpu):
     if on_gpu:
         return dict(model="DiG-S/2", depth=None, hidden_size=None, num_heads=None, steps=None, minutes=15.0,
-                    batch_size=256, lr=6e-4, warmup=1000, ema=0.9995, sample_steps=100, cfg_scale=3.0,
+                    batch_size=256, lr=6e-4, warmup=1000, decay=0.0, ema=0.9995, sample_steps=100, cfg_scale=3.0,
                     sample_every=2500, ckpt_every=2000, log_every=100)
     return dict(model="DiG-S/4", depth=4, hidden_size=128, num_heads=2, steps=200, minutes=None,
-                batch_size=32, lr=1e-3, warmup=20, ema=0.99, sample_steps=25, cfg_scale=3.0,
+                batch_size=32, lr=1e-3, warmup=20, decay=0.0, ema=0.99, sample_steps=25, cfg_scale=3.0,
                 sample_every=100, ckpt_every=100, log_every=10)
 
 
 CLASS_DROPOUT = 0.1
 
 
-def learning_rate(step, args):
-    return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else args.lr
+def learning_rate(step, progress, args):
+    """Warm-up, stable, decay: a linear rise over the first args.warmup steps, then args.lr, and a linear fall to 0
+    over the last args.decay of the budget (progress: the fraction of --steps or --minutes done)."""
+    warm = min(1.0, (step + 1) / args.warmup) if args.warmup > 0 else 1.0
+    return args.lr * warm * (min(1.0, (1 - progress) / args.decay) if args.decay > 0 else 1.0)
 
 
 def ema_decay(step, target):
@@ -196,22 +199,23 @@ def train(args, ckpt, rank, world, device):
     with log.paused():    # compiling counts against --minutes, not against the speed
         train_step, sample_net = make_train_step(model, ema, opt, args, world, log,
                                                  draw_batch(data, step, args, rank, world, generator))
-    last_ckpt, time_up = step, elapsed >= log.budget       # a run resumed with its time spent trains no more
+    last_ckpt, done = step, log.progress(step, log.time_used()) >= 1   # a resumed run with its budget spent: done
     with StopRequests() as stop_requests:
-        while (args.steps is None or step < args.steps) and not time_up:
+        while not done:
             # 1 + 2: forward and backward, gradients averaged; the step's one synchronisation (agree) gives every
             # process the mean loss and whether any is out of time or got a stop signal (StopRequests, section 9)
             loss, grad_norm = train_step(draw_batch(data, step, args, rank, world, generator))
-            loss, grad_norm, time_up, stop = agree(loss, grad_norm, log.out_of_time(), stop_requests.signal)
+            loss, grad_norm, time_used, stop = agree(loss, grad_norm, log.time_used(), stop_requests.signal)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 stop_on_nan(loss, grad_norm, step, last_ckpt, args)
             # 3: clip, AdamW, EMA
-            lr = learning_rate(step, args)
+            lr = learning_rate(step, log.progress(step, time_used), args)
             train_step.update(lr, ema_decay(step, args.ema))
             step += 1
+            done = log.progress(step, time_used) >= 1
             # log, checkpoint, samples; stop when asked to (a signal) or out of time
             log.add(loss)
-            if step % args.log_every == 0 or step == args.steps or time_up or stop:
+            if step % args.log_every == 0 or done or stop:
                 log.report(step, lr)
             with log.paused():      # checkpoints and samples do not count against the speed
                 if (args.ckpt_every and step % args.ckpt_every == 0) or stop:
@@ -303,6 +307,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_count, help="global batch size, split evenly across processes")
     p.add_argument("--lr", type=checked(float, lambda v: 0 < v < math.inf, "positive"), help="AdamW learning rate")
     p.add_argument("--warmup", type=count, help="linear learning-rate warm-up, in steps")
+    p.add_argument("--decay", type=checked(float, lambda v: 0 <= v <= 1, "between 0 and 1"),
+                   help="the learning rate falls linearly to 0 over this last fraction of the budget (0: never)")
     p.add_argument("--ema", type=checked(float, lambda v: 0 <= v <= 1, "between 0 and 1"),
                    help="EMA decay (reached gradually: min(ema, (1+step)/(10+step)))")
     p.add_argument("--grad-clip", type=checked(float, lambda v: v > 0, "positive"), default=1.0,
@@ -735,18 +741,18 @@ def on_rank0(work, rank, world):
     return result
 
 
-def agree(loss, grad_norm, out_of_time, signal_received):
-    """The step's one synchronisation: loss and gradient norm as floats (means over processes), whether any
-    process is out of time, and a stop signal any process received (its number, 0 for none), so that all
-    of them stop at the same step."""
-    flags = [out_of_time, signal_received == signal.SIGINT, signal_received == signal.SIGTERM]
+def agree(loss, grad_norm, time_used, signal_received):
+    """The step's one synchronisation: loss, gradient norm and the share of --minutes used as floats (means over
+    processes, so that all of them set the same learning rate and stop at the same step), and a stop signal any
+    process received (its number, 0 for none)."""
+    flags = [time_used, signal_received == signal.SIGINT, signal_received == signal.SIGTERM]
     stats = torch.cat([loss.detach().float().view(1), grad_norm.float().view(1),
                        torch.tensor(flags, dtype=torch.float32).to(loss.device, non_blocking=True)])
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world > 1:
         dist.all_reduce(stats)
-    loss, grad_norm, late, sigint, sigterm = stats.tolist()
-    return loss / world, grad_norm / world, late > 0, signal.SIGINT if sigint else signal.SIGTERM if sigterm else 0
+    loss, grad_norm, time_used, sigint, sigterm = stats.tolist()
+    return loss / world, grad_norm / world, time_used / world, signal.SIGINT if sigint else signal.SIGTERM if sigterm else 0
 
 
 class StopRequests:
@@ -792,8 +798,12 @@ class Progress:
     def elapsed(self):
         return time.time() - self.start
 
-    def out_of_time(self):
-        return self.elapsed() > self.budget
+    def time_used(self):
+        return self.elapsed() / self.budget
+
+    def progress(self, step, time_used):
+        """The share of the budget done: of --steps after `step` steps or of --minutes, whichever is further."""
+        return max(step / self.args.steps if self.args.steps else float(self.args.steps == 0), time_used)
 
     def say(self, text):
         if self.enabled:
