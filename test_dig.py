@@ -901,8 +901,9 @@ def test_dig_on_gpu_triton_matches_torch_path_and_compiled_matches_eager(input_s
 #    run (12 steps) is made once and compared against.
 
 TINY = ["--model", "DiG-S/4", "--depth", "4", "--hidden-size", "64", "--num-heads", "1", "--batch-size", "8",
-        "--lr", "1e-3", "--warmup", "2", "--ema", "0.9", "--sample-steps", "2", "--log-every", "1",
+        "--lr", "1e-3", "--warmup", "2", "--decay", "0", "--ema", "0.9", "--sample-steps", "2", "--log-every", "1",
         "--sample-every", "0", "--device", "cpu"]   # a DiG small enough for a CPU: 64 tokens of 32x32 images
+# (A constant rate after warm-up: a run extended to a new --steps then matches one given that budget at once.)
 
 
 def write_cifar(root, n_per_batch=(120, 80), seed=0):
@@ -975,9 +976,13 @@ def tiny_setup(batch_size=8, n=32, side=32):
 
 
 def test_schedules_update_ema_and_the_train_step_are_the_textbook_recipe():
-    args = train_tiny.argparse.Namespace(lr=1e-3, warmup=4)
-    assert [train_tiny.learning_rate(s, args) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4] + [1e-3] * 3)
-    assert train_tiny.learning_rate(0, train_tiny.argparse.Namespace(lr=1e-3, warmup=0)) == 1e-3
+    args = train_tiny.argparse.Namespace(lr=1e-3, warmup=4, decay=0.0)
+    lr = lambda step, done=0.0: train_tiny.learning_rate(step, done, args)
+    assert [lr(s) for s in range(6)] + [lr(9, 1.0)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4] + [1e-3] * 4)
+    args.decay = 0.25     # warm-up, stable, then a linear fall to 0 over the last quarter of the budget
+    assert [lr(s, s / 16) for s in (2, 11, 12, 14, 16)] == pytest.approx([7.5e-4, 1e-3, 1e-3, 5e-4, 0.0])
+    args.warmup = 0
+    assert [lr(0), lr(10 ** 6, 0.875)] == pytest.approx([1e-3, 5e-4])
     assert [train_tiny.ema_decay(s, 0.9995) for s in (0, 8, 10 ** 6)] == pytest.approx([0.1, 0.5, 0.9995])
     # update_ema moves the EMA toward the model by 1 - decay.
     model, ema = randomize_(tiny_dig(), seed=1), randomize_(tiny_dig(), seed=2)
@@ -1093,14 +1098,18 @@ def test_resume_after_the_end_or_a_nan_matches_the_uninterrupted_run(reference, 
     train(cifar_dir, split, "--steps", "5", "--ckpt-every", "4")
     train_tiny.main(["--resume", str(split), "--steps", "12"])
     assert_same_run(split, reference[0])
-    # A NaN loss at step 5 stops the run and keeps the last good checkpoint, of step 4.
+    # A NaN loss at step 5 stops the run and keeps the last good checkpoint, of step 4; resumed, the run (with a
+    # decaying rate, which depends on the budget) matches an uninterrupted one.
+    decayed = tmp_path / "decayed"
+    train(cifar_dir, decayed, "--steps", "12", "--decay", "0.5")
     real, out = poison_step_5(monkeypatch), str(tmp_path / "nan")
     with pytest.raises(SystemExit, match=r"(?s)nan.*step 5.*step 4"):
-        train(cifar_dir, out, "--steps", "8", "--ckpt-every", "2")
+        train(cifar_dir, out, "--steps", "12", "--decay", "0.5", "--ckpt-every", "2")
     assert load(out, "step") == 4 and all(torch.isfinite(v).all() for v in load(out).values() if v.is_floating_point())
     monkeypatch.setattr(train_tiny, "draw_batch", real)
-    train_tiny.main(["--resume", out, "--steps", "12"])
-    assert_same_run(out, reference[0])
+    train_tiny.main(["--resume", out])
+    assert_same_run(out, decayed)
+    assert log_column(decayed, 2)[-1] == pytest.approx(1e-3 / 6, rel=1e-3)   # the last step: (1 - 11/12) / 0.5
 
 
 def test_time_budget_stops_the_run_a_new_budget_extends_it_and_the_ema_follows_its_schedule(cifar_dir, tmp_path):
@@ -1298,7 +1307,7 @@ def test_cifar_and_latents_loaders_read_their_layouts_and_say_what_is_wrong(tmp_
     monkeypatch.setattr(train_tiny, "CIFAR_URL", fake.as_uri())
     with pytest.raises(SystemExit, match="MD5"):
         train_tiny.download_cifar10(str(tmp_path / "data"))
-    assert not (tmp_path / "data" / "cifar-10-python.tar.gz").exists()  # deleted, so a rerun retries
+    assert not (tmp_path / "data" / "cifar-10-batches-py").exists()     # nothing extracted from a bad archive
     bad = tmp_path / "ok" / "cifar-10-batches-py" / "data_batch_2"
     bad.write_bytes(bad.read_bytes()[:1000])
     with pytest.raises(SystemExit, match="data_batch_2"):

@@ -8,10 +8,10 @@ Train a small class-conditional DiG (or its DiT twin) on CIFAR-10, or on latents
     python train_tiny.py --resume runs/DiG-S-2 --sample 5000  # samples from a run's EMA weights, no training
     torchrun --nproc_per_node=4 train_tiny.py     # several GPUs, the global batch split between them
 
-Outputs go to runs/<model>: ckpt.pt, log.csv, samples_<step>.png, loss.png; with --classifier or --sample N the
-judged or asked-for samples, samples_<tag>.npz and .png, and their scores, eval_<tag>.json.
-Sections: 1. the recipe  2. one training step  3. the training loop; then the machinery they use: 4. command
-line  5. data  6. model and checkpoints  7. sampling, pictures  8. speed  9. processes, signals, log  10. judge.
+Outputs go to runs/<model>: ckpt.pt, log.csv, samples_<step>.png, loss.png; with --classifier or --sample N also
+samples_<tag>.npz and .png, and their scores, eval_<tag>.json. Sections: 1. the recipe  2. one training step
+3. the training loop; then the machinery: 4. command line  5. data  6. checkpoints  7. sampling and pictures
+8. speed  9. processes, signals, log  10. the judge.
 """
 
 import argparse
@@ -20,6 +20,7 @@ import contextlib
 import copy
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -44,20 +45,18 @@ import dig
 #
 # GPU: recognisable class-conditional CIFAR-10 samples in minutes on one GPU. The official DiT recipe (AdamW
 # lr 1e-4, constant; EMA 0.9999; no warm-up; samples at guidance 1.5 for FID) is made for 400K steps; in the few
-# thousand steps of a short run it leaves blurry blobs. What changes, and why:
-#   * lr 6e-4 after a 1000-step linear warm-up: a small model on 256 tokens takes a much larger step than
-#     DiT-XL does, and the warm-up lets the adaLN modulations grow from their zero initialisation before the
-#     steps get large; the gradient norm is clipped at 1 as a second guard against early spikes.
-#   * an EMA that warms up, decay = min(0.9995, (1 + step) / (10 + step)): the average covers roughly the last
-#     step/9 updates until it reaches the ~2000-step memory of 0.9995. A fixed decay would keep a share of the
-#     random initial weights for ~1/(1 - decay) steps: 0.9999 means 10,000 steps, half of a short run.
+# thousand steps of a short run it leaves blurry blobs. What changes, and why (results/ablations.md measures it):
+#   * lr 1.2e-3: a small model on 256 tokens takes a far larger step than DiT-XL does, and a short run has no
+#     steps to spare. A 1000-step linear warm-up lets the adaLN modulations grow from their zero initialisation
+#     before the steps get large, and the gradient norm is clipped at 1 against early spikes.
+#   * warm-up, stable, decay: the rate falls linearly to 0 over the last 30% of the budget (--minutes or
+#     --steps), which settles the weights where a constant rate keeps them bouncing.
+#   * an EMA that warms up, decay = min(0.9995, (1 + step) / (10 + step)): it averages about the last step/9
+#     updates. A fixed 0.9999 would keep a share of the random initial weights for ~10,000 steps.
 #   * random horizontal flips: CIFAR-10 classes look the same mirrored, and at hundreds of epochs the flips
 #     double the data the model sees. (Not for latents: a mirrored latent is not the latent of a mirror image.)
-#   * classifier-free guidance at scale 3 for samples: a young model's conditional and unconditional
-#     predictions differ only a little, and guidance amplifies exactly that difference, the class. 100
-#     ancestral steps are plenty at 32x32.
-#   * a time budget (--minutes) instead of a step count, since the speed of the GPU is not known in advance;
-#     the learning rate is constant after warm-up so that nothing depends on the total number of steps.
+#   * classifier-free guidance at scale 3: a young model's conditional and unconditional predictions differ only
+#     a little, and guidance amplifies exactly that difference, the class. 100 ancestral steps suffice at 32x32.
 # CPU: a smoke test, a 4-block, 128-wide DiG on 4x4 patches, that shows the whole pipeline in about a minute.
 # Both keep DiT's diffusion (1000 steps, learned variance, hybrid loss) and its label dropout of 0.1. On a GPU
 # the network runs under bf16 autocast, on a CPU in float32.
@@ -65,10 +64,10 @@ import dig
 def default_config(on_gpu):
     if on_gpu:
         return dict(model="DiG-S/2", depth=None, hidden_size=None, num_heads=None, steps=None, minutes=15.0,
-                    batch_size=256, lr=6e-4, warmup=1000, decay=0.0, ema=0.9995, sample_steps=100, cfg_scale=3.0,
+                    batch_size=256, lr=1.2e-3, warmup=1000, decay=0.3, ema=0.9995, sample_steps=100, cfg_scale=3.0,
                     sample_every=2500, ckpt_every=2000, log_every=100)
     return dict(model="DiG-S/4", depth=4, hidden_size=128, num_heads=2, steps=200, minutes=None,
-                batch_size=32, lr=1e-3, warmup=20, decay=0.0, ema=0.99, sample_steps=25, cfg_scale=3.0,
+                batch_size=32, lr=1e-3, warmup=20, decay=0.3, ema=0.99, sample_steps=25, cfg_scale=3.0,
                 sample_every=100, ckpt_every=100, log_every=10)
 
 
@@ -118,8 +117,7 @@ def draw_batch(data, step, args, rank, world, generator):
 
 
 class TrainStep:
-    """`loss, grad_norm = step(batch)` runs parts 1 and 2 (the weights are untouched); `step.update(lr, decay)`
-    then runs part 3. CompiledTrainStep (section 8) runs part 1 faster on a GPU."""
+    """`loss, grad_norm = step(batch)` runs parts 1 and 2; `step.update(lr, ema_decay)` then runs part 3."""
     def __init__(self, model, ema, opt, diffusion, grad_clip, world):
         self.model, self.opt, self.diffusion, self.grad_clip, self.world = model, opt, diffusion, grad_clip, world
         self.model_params, self.ema_params = list(model.parameters()), list(ema.parameters())
@@ -136,8 +134,7 @@ class TrainStep:
             p.grad = None if grads is None else grads[i]
 
     def forward_backward(self, batch, autocast_cache=True):
-        """Part 1: the loss of the batch (detached); backward adds the gradients into each p.grad. (A CUDA graph
-        needs autocast's cache of bf16 weight copies off: section 8.)"""
+        """Part 1: the batch's loss (detached); backward adds the gradients into each p.grad."""
         device = self.flat_grad.device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
                             cache_enabled=autocast_cache):
@@ -199,7 +196,7 @@ def train(args, ckpt, rank, world, device):
     with log.paused():    # compiling counts against --minutes, not against the speed
         train_step, sample_net = make_train_step(model, ema, opt, args, world, log,
                                                  draw_batch(data, step, args, rank, world, generator))
-    last_ckpt, done = step, log.progress(step, log.time_used()) >= 1   # a resumed run with its budget spent: done
+    last_ckpt, done = step, log.progress(step, elapsed / log.budget) >= 1   # a resumed run's budget may be spent
     with StopRequests() as stop_requests:
         while not done:
             # 1 + 2: forward and backward, gradients averaged; the step's one synchronisation (agree) gives every
@@ -239,8 +236,7 @@ def train(args, ckpt, rank, world, device):
 
 
 def make_train_step(model, ema, opt, args, world, log, example_batch):
-    """The training step and the network the sampler calls: compiled and replayed from CUDA graphs on a GPU
-    (section 8), plain PyTorch on a CPU or with --eager."""
+    """The training step and the network the sampler calls: compiled, from CUDA graphs, on a GPU (section 8)."""
     diffusion = dig.create_diffusion()
     if model.pos_embed.device.type != "cuda" or args.eager:
         return TrainStep(model, ema, opt, diffusion, args.grad_clip, world), ema
@@ -258,8 +254,7 @@ def sampling_network(ema, args):
 
 def stop_on_nan(loss, grad_norm, step, last_ckpt, args):
     ckpt = os.path.join(args.out, "ckpt.pt")
-    last = (f"The last good checkpoint is {ckpt} (step {last_ckpt}); none was written after it."
-            if os.path.exists(ckpt) else "No checkpoint was written yet.")
+    last = f"The last good checkpoint is {ckpt} (step {last_ckpt})." if os.path.exists(ckpt) else "No checkpoint yet."
     raise SystemExit(f"error: loss {loss} (gradient norm {grad_norm}) at step {step + 1}: stopping. {last} "
                      f"Try a lower --lr, or --resume {args.out} with another --seed.")
 
@@ -286,6 +281,8 @@ def checked(kind, ok, what):
 
 
 count, positive_count = checked(int, lambda v: v >= 0, "at least 0"), checked(int, lambda v: v >= 1, "at least 1")
+positive, at_least_0 = checked(float, lambda v: 0 < v < math.inf, "positive"), checked(float, lambda v: v >= 0, "at least 0")
+fraction = checked(float, lambda v: 0 <= v <= 1, "between 0 and 1")
 
 
 def parse_args(argv=None):
@@ -302,22 +299,17 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data", help="folder holding (or receiving) cifar-10-batches-py/")
     p.add_argument("--latents", help=".npz with 'latents' [N,C,H,W] and 'labels' [N]; replaces CIFAR-10")
     p.add_argument("--steps", type=count, help="stop after this many optimizer steps in all")
-    p.add_argument("--minutes", type=checked(float, lambda v: 0 <= v < math.inf, "at least 0"),
-                   help="stop after this much time in all (with --steps: whichever comes first)")
+    p.add_argument("--minutes", type=at_least_0, help="stop after this much time in all (or at --steps, if sooner)")
     p.add_argument("--batch-size", type=positive_count, help="global batch size, split evenly across processes")
-    p.add_argument("--lr", type=checked(float, lambda v: 0 < v < math.inf, "positive"), help="AdamW learning rate")
+    p.add_argument("--lr", type=positive, help="AdamW learning rate")
     p.add_argument("--warmup", type=count, help="linear learning-rate warm-up, in steps")
-    p.add_argument("--decay", type=checked(float, lambda v: 0 <= v <= 1, "between 0 and 1"),
-                   help="the learning rate falls linearly to 0 over this last fraction of the budget (0: never)")
-    p.add_argument("--ema", type=checked(float, lambda v: 0 <= v <= 1, "between 0 and 1"),
-                   help="EMA decay (reached gradually: min(ema, (1+step)/(10+step)))")
-    p.add_argument("--grad-clip", type=checked(float, lambda v: v > 0, "positive"), default=1.0,
-                   help="clip the gradient norm to this")
+    p.add_argument("--decay", type=fraction, help="the rate falls linearly to 0 over this last share of the budget")
+    p.add_argument("--ema", type=fraction, help="EMA decay (reached gradually: min(ema, (1+step)/(10+step)))")
+    p.add_argument("--grad-clip", type=positive, default=1.0, help="clip the gradient norm to this")
     p.add_argument("--sample-steps", type=checked(int, lambda v: 2 <= v <= 1000, "between 2 and 1000"),
                    help="sampling steps for the sample grids and --classifier")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
-    p.add_argument("--cfg-scale", type=checked(float, lambda v: 0 <= v < math.inf, "at least 0"),
-                   help="classifier-free guidance scale (1: none, 0: unconditional)")
+    p.add_argument("--cfg-scale", type=at_least_0, help="classifier-free guidance scale (1: none, 0: unconditional)")
     p.add_argument("--sample-every", type=count, help="save a sample grid every this many steps (0: only at end)")
     p.add_argument("--ckpt-every", type=count, help="save a checkpoint every this many steps (0: only at end)")
     p.add_argument("--log-every", type=positive_count, help="print and log the loss every this many steps")
@@ -423,26 +415,19 @@ def cifar_batch_files(data_dir):
 
 
 def download_cifar10(data_dir):
-    """Fetch the official archive into data_dir, check its MD5, and extract cifar-10-batches-py/ there."""
-    os.makedirs(data_dir, exist_ok=True)
-    archive = os.path.join(data_dir, "cifar-10-python.tar.gz")
-    if not os.path.exists(archive):
-        print(f"downloading {CIFAR_URL} (170 MB) ...", flush=True)
-        try:
-            with urllib.request.urlopen(CIFAR_URL, timeout=60) as r, open(archive + ".part", "wb") as f:
-                f.write(r.read())
-        except OSError as e:  # no network, DNS failure, HTTP error, timeout
-            raise SystemExit(f"error: CIFAR-10 is not in {os.path.abspath(data_dir)} and downloading it failed "
-                             f"({e}).\nOn a machine with internet, get {CIFAR_URL} (MD5 {CIFAR_MD5}), extract it, "
-                             f"and put its cifar-10-batches-py/ folder under DATA_DIR (--data-dir).")
-        os.replace(archive + ".part", archive)
-    with open(archive, "rb") as f:
-        md5 = hashlib.md5(f.read()).hexdigest()
-    if md5 != CIFAR_MD5:
-        os.remove(archive)  # so that the next run downloads it afresh
-        raise SystemExit(f"error: {archive} has MD5 {md5}, expected {CIFAR_MD5}: the download is corrupt and was "
-                         f"deleted; run again to retry.")
-    with tarfile.open(archive) as tar:
+    """Fetch the official archive, check its MD5, and extract cifar-10-batches-py/ into data_dir."""
+    print(f"downloading {CIFAR_URL} (170 MB) ...", flush=True)
+    try:
+        with urllib.request.urlopen(CIFAR_URL, timeout=60) as r:
+            archive = r.read()
+    except OSError as e:  # no network, DNS failure, HTTP error, timeout
+        raise SystemExit(f"error: CIFAR-10 is not in {os.path.abspath(data_dir)} and downloading it failed ({e})."
+                         f"\nOn a machine with internet, get {CIFAR_URL} (MD5 {CIFAR_MD5}), extract it, and put "
+                         f"its cifar-10-batches-py/ folder under DATA_DIR (--data-dir).")
+    if hashlib.md5(archive).hexdigest() != CIFAR_MD5:
+        raise SystemExit(f"error: the download of {CIFAR_URL} is corrupt (MD5 {hashlib.md5(archive).hexdigest()}, "
+                         f"expected {CIFAR_MD5}); nothing was written. Run again to retry.")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(data_dir, filter="data")
 
 
@@ -484,10 +469,10 @@ def load_latents(path):
     try:
         with np.load(path) as f:
             x, y = f["latents"], f["labels"]
-        found = f"latents {x.shape}, labels {y.shape} {y.dtype}" + (
-            f" from {y.min()} to {y.max()}, finite: {np.isfinite(x).all()}" if len(y) else "")
         ok = (x.ndim == 4 and x.shape[2] == x.shape[3] and y.shape == (len(x),) and len(y) > 0
               and np.issubdtype(y.dtype, np.integer) and y.min() >= 0 and np.isfinite(x).all())
+        found = f"latents {x.shape}, labels {y.shape} {y.dtype}" + (
+            f" from {y.min()} to {y.max()}, finite: {np.isfinite(x).all()}" if len(y) else "")
     except Exception as e:
         found, ok = f"{type(e).__name__}: {e}", False
     if not ok:
@@ -752,7 +737,8 @@ def agree(loss, grad_norm, time_used, signal_received):
     if world > 1:
         dist.all_reduce(stats)
     loss, grad_norm, time_used, sigint, sigterm = stats.tolist()
-    return loss / world, grad_norm / world, time_used / world, signal.SIGINT if sigint else signal.SIGTERM if sigterm else 0
+    stop = signal.SIGINT if sigint else signal.SIGTERM if sigterm else 0
+    return loss / world, grad_norm / world, time_used / world, stop
 
 
 class StopRequests:
