@@ -980,7 +980,7 @@ def test_schedules_update_ema_and_the_train_step_are_the_textbook_recipe():
     lr = lambda step, done=0.0: train_tiny.learning_rate(step, done, args)
     assert [lr(s) for s in range(6)] + [lr(9, 1.0)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4] + [1e-3] * 4)
     args.decay = 0.25     # warm-up, stable, then a linear fall to 0 over the last quarter of the budget
-    assert [lr(s, s / 16) for s in (2, 11, 12, 14, 16)] == pytest.approx([7.5e-4, 1e-3, 1e-3, 5e-4, 0.0])
+    assert [lr(s, s / 16) for s in (2, 11, 12, 14, 16, 17)] == pytest.approx([7.5e-4, 1e-3, 1e-3, 5e-4, 0, 0])
     args.warmup = 0
     assert [lr(0), lr(10 ** 6, 0.875)] == pytest.approx([1e-3, 5e-4])
     assert [train_tiny.ema_decay(s, 0.9995) for s in (0, 8, 10 ** 6)] == pytest.approx([0.1, 0.5, 0.9995])
