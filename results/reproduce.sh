@@ -12,6 +12,9 @@
 #                                           #   -> results/train_DiG-S-2.* (output, log, scores, grid, curve)
 #   bash results/reproduce.sh train DiT-S/2 # the DiT twin, same recipe and time
 #   bash results/reproduce.sh scaling       # images/s of 2 GPUs (torchrun) vs 1 GPU  -> results/scaling.txt
+#   bash results/reproduce.sh ablate        # recipe variants at 1,800 steps, 3 side by side (results/ablate.py)
+#                                           #   -> results/ablation_runs.md
+#   bash results/reproduce.sh guidance RUN  # a run's EMA judged at guidance 1.5, 2, 4, 5 -> results/guidance.md
 #
 # The training parts read CIFAR-10 from data/cifar-10-batches-py (downloaded if missing, see train_tiny.py)
 # and the ResNet-56 weights from resnet56-4bfd9763.th (or $RESNET56). Parts use the GPUs that
@@ -89,5 +92,11 @@ case "${1:-}" in
     model)   run_part model_bench.txt python3 results/bench_model.py ;;
     train)   train "${2:?which model, e.g. DiG-S/2 or DiT-S/2}" ;;
     scaling) scaling ;;
-    *)       sed -n '2,18p' "$0"; exit 2 ;;
+    ablate)  python3 results/ablate.py train --steps 1800 --parallel 3 --ema-warmups 3 30 --data-dir data \
+                 --classifier "$RESNET56" --out runs/ablate base="--warmup 300" wsd="--warmup 300 --decay 0.3" \
+                 wsd_lr12="--warmup 300 --decay 0.3 --lr 1.2e-3"
+             { header ablate; python3 results/ablate.py table runs/ablate; } | tee "$RESULTS/ablation_runs.md" ;;
+    guidance) python3 results/ablate.py guidance "${2:?a run folder, e.g. runs/DiG-S-2-6min}" --classifier "$RESNET56"
+             { header guidance "$2"; python3 results/ablate.py table "$2"; } | tee "$RESULTS/guidance.md" ;;
+    *)       sed -n '2,21p' "$0"; exit 2 ;;
 esac
