@@ -1262,6 +1262,7 @@ def test_bad_settings_and_checkpoints_are_refused_before_anything_is_built(refer
     base = TINY + ["--data-dir", cifar_dir, "--out", str(tmp_path / "new"), "--steps", "1"]
     for flag, message in [("--lr=0", "must be positive"), ("--lr=-1e-3", "must be positive"),
                           ("--ema=1.5", "must be between 0 and 1"), ("--cfg-scale=-2", "must be at least 0"),
+                          ("--decay=2", "must be between 0 and 1"), ("--minutes=inf", "must be at least 0"),
                           ("--grad-clip=-1", "must be positive"), ("--sample-steps=1", "must be between 2 and 1000"),
                           ("--log-every=0", "must be at least 1"), ("--eval-per-class=0", "must be at least 1"),
                           ("--batch-size=0", "must be at least 1")]:

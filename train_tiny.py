@@ -201,7 +201,7 @@ def train(args, ckpt, rank, world, device):
     with StopRequests() as stop_requests:
         while not done:
             # 1 + 2: forward and backward, gradients averaged; the step's one synchronisation (agree) gives every
-            # process the mean loss and whether any is out of time or got a stop signal (StopRequests, section 9)
+            # process the mean loss, the share of --minutes used, and any stop signal (StopRequests, section 9)
             loss, grad_norm = train_step(draw_batch(data, step, args, rank, world, generator))
             loss, grad_norm, time_used, stop = agree(loss, grad_norm, log.time_used(), stop_requests.signal)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -282,7 +282,8 @@ def checked(kind, ok, what):
 
 
 count, positive_count = checked(int, lambda v: v >= 0, "at least 0"), checked(int, lambda v: v >= 1, "at least 1")
-positive, at_least_0 = checked(float, lambda v: 0 < v < math.inf, "positive"), checked(float, lambda v: v >= 0, "at least 0")
+positive = checked(float, lambda v: 0 < v < math.inf, "positive")
+at_least_0 = checked(float, lambda v: 0 <= v < math.inf, "at least 0")
 fraction = checked(float, lambda v: 0 <= v <= 1, "between 0 and 1")
 
 
