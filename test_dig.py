@@ -167,7 +167,8 @@ TRITON_CASES = [(shape, gates, gates != "strong", True, torch.float32, None) for
     [] if GPU else [((2, 100, 2, 32, 64), "mixed", True, True, torch.float16, None)])
 
 
-@pytest.mark.parametrize("shape,gates,with_h0,final_state_used,dtype,factor_limit", TRITON_CASES)
+@pytest.mark.parametrize("shape,gates,with_h0,final_state_used,dtype,factor_limit", TRITON_CASES, ids=[
+    f"{'x'.join(map(str, c[0]))}-{c[1]}-h0 {c[2]}-final {c[3]}-{str(c[4])[6:]}-factor {c[5]}" for c in TRITON_CASES])
 def test_triton_matches_naive(shape, gates, with_h0, final_state_used, dtype, factor_limit, path, seed, monkeypatch):
     if factor_limit is not None:
         monkeypatch.setattr(gla_kernel, "FACTOR_LIMIT", factor_limit)

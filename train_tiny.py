@@ -49,7 +49,7 @@ import dig
 #   * lr 6e-4: a small model on 256 tokens takes a far larger step than DiT-XL does, and a short run has no
 #     steps to spare. A 1000-step linear warm-up lets the adaLN modulations grow from their zero initialisation
 #     before the steps get large, and the gradient norm is clipped at 1 against early spikes. Twice the rate
-#     learns faster at first, but its loss spikes half-way through a six-minute run and the samples suffer.
+#     learns faster at first, but in a six-minute run its loss spiked half-way and the samples came out worse.
 #   * the rate stays constant after warm-up; --decay 0.3 makes it fall linearly to 0 over the last 30% of the
 #     budget (--minutes or --steps) instead, which did not help at this rate in short runs.
 #   * an EMA that warms up, decay = min(0.9995, (1 + step) / (10 + step)): it averages about the last step/9
