@@ -1115,6 +1115,7 @@ def test_resume_after_the_end_or_a_nan_matches_the_uninterrupted_run(reference, 
 
 def test_time_budget_stops_the_run_a_new_budget_extends_it_and_the_ema_follows_its_schedule(cifar_dir, tmp_path):
     out = str(tmp_path / "timed")
+    assert train(cifar_dir, tmp_path / "none", "--minutes", "0")["step"] == 0   # a budget of 0: nothing to do
     assert train(cifar_dir, out, "--minutes", "1e-6")["step"] == 1   # out of time after the first step;
     assert os.path.exists(os.path.join(out, "ckpt.pt")) and os.path.exists(os.path.join(out, "samples_0000001.png"))
     # After one step the EMA is decay * initial + (1 - decay) * model with decay = ema_decay(0, 0.9) = 0.1, the

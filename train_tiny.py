@@ -197,7 +197,7 @@ def train(args, ckpt, rank, world, device):
     with log.paused():    # compiling counts against --minutes, not against the speed
         train_step, sample_net = make_train_step(model, ema, opt, args, world, log,
                                                  draw_batch(data, step, args, rank, world, generator))
-    last_ckpt, done = step, log.progress(step, elapsed / log.budget) >= 1   # a resumed run's budget may be spent
+    last_ckpt, done = step, log.progress(step, log.time_used(elapsed)) >= 1   # a resumed run's budget may be spent
     with StopRequests() as stop_requests:
         while not done:
             # 1 + 2: forward and backward, gradients averaged; the step's one synchronisation (agree) gives every
@@ -786,8 +786,10 @@ class Progress:
     def elapsed(self):
         return time.time() - self.start
 
-    def time_used(self):
-        return self.elapsed() / self.budget
+    def time_used(self, elapsed=None):
+        """The share of --minutes used (after `elapsed` seconds, or now); a budget of 0 is used up at once."""
+        elapsed = self.elapsed() if elapsed is None else elapsed
+        return elapsed / self.budget if self.budget > 0 else math.inf
 
     def progress(self, step, time_used):
         """The share of the budget done: of --steps after `step` steps or of --minutes, whichever is further."""
