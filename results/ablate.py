@@ -15,6 +15,7 @@ warm-up differs from train_tiny's, decay_c(step) = min(ema, (1 + step) / (c + st
 """
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -26,6 +27,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_tiny  # noqa: E402
+
+
+@contextlib.contextmanager
+def run_network(run, *flags):
+    """(args, EMA network, the network the sampler calls, step, data shape, rank, world) of a finished run, as
+    train_tiny.py --resume RUN --sample N makes them; flags override the run's settings."""
+    args, ckpt = train_tiny.parse_args(["--resume", run, *flags])
+    with train_tiny.processes(args.device) as (rank, world, device):
+        train_tiny.settle_args(args, ckpt, world)
+        _, ema, _, step, _ = train_tiny.build_run(args, ckpt, ckpt["data"], device)
+        yield args, ema, train_tiny.sampling_network(ema, args), step, ckpt["data"], rank, world
 
 
 def train_variant(out, argv, ema_warmups, eval_per_class):
@@ -46,17 +58,13 @@ def train_variant(out, argv, ema_warmups, eval_per_class):
     result = train_tiny.main(argv)
     results = {10: {k: result[k] for k in ("accuracy", "frechet_distance")}}
     # the extra EMAs, judged with the same code: their weights copied into the run's EMA network
-    args, ckpt = train_tiny.parse_args(["--resume", out, "--sample", str(10 * eval_per_class)])
-    with train_tiny.processes(args.device) as (rank, world, device):
-        train_tiny.settle_args(args, ckpt, world)
-        _, ema, _, step, _ = train_tiny.build_run(args, ckpt, ckpt["data"], device)
-        net = train_tiny.sampling_network(ema, args)
+    with run_network(out, "--sample", str(10 * eval_per_class)) as (args, ema, net, step, shape, rank, world):
         for c, params in extra.items():
             with torch.no_grad():
                 torch._foreach_copy_(list(ema.parameters()), params)
             args.out = os.path.join(out, f"ema_warmup{c}")
             os.makedirs(args.out, exist_ok=True)
-            scores = train_tiny.sample_and_judge(net, 10 * eval_per_class, step, ckpt["data"], args, rank, world)
+            scores = train_tiny.sample_and_judge(net, 10 * eval_per_class, step, shape, args, rank, world)
             results[c] = {k: scores[k] for k in ("accuracy", "frechet_distance")}
     with open(os.path.join(out, "ablation.json"), "w") as f:
         json.dump(dict(argv=argv, step=step, cfg_scale=args.cfg_scale, sample_steps=args.sample_steps,
@@ -90,17 +98,14 @@ def train(opts):
 def guidance(opts):
     """One run's EMA network judged at every guidance scale and number of sampling steps asked for."""
     n = 10 * opts.eval_per_class
-    args, ckpt = train_tiny.parse_args(["--resume", opts.run, "--sample", str(n), "--classifier", opts.classifier])
-    with train_tiny.processes(args.device) as (rank, world, device):
-        train_tiny.settle_args(args, ckpt, world)
-        _, ema, _, step, _ = train_tiny.build_run(args, ckpt, ckpt["data"], device)
-        net = train_tiny.sampling_network(ema, args)
+    with run_network(opts.run, "--sample", str(n), "--classifier", opts.classifier) as (args, _, net, step, shape,
+                                                                                         rank, world):
         args.out = os.path.join(opts.run, "guidance")
         os.makedirs(args.out, exist_ok=True)
         for steps in opts.sample_steps:
             for cfg in opts.cfg:
                 args.cfg_scale, args.sample_steps = cfg, steps
-                train_tiny.sample_and_judge(net, n, step, ckpt["data"], args, rank, world)
+                train_tiny.sample_and_judge(net, n, step, shape, args, rank, world)
 
 
 def table(opts):
