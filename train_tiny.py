@@ -8,10 +8,9 @@ Train a small class-conditional DiG (or its DiT twin) on CIFAR-10, or on latents
     python train_tiny.py --resume runs/DiG-S-2 --sample 5000  # samples from a run's EMA weights, no training
     torchrun --nproc_per_node=4 train_tiny.py     # several GPUs, the global batch split between them
 
-Outputs go to runs/<model>: ckpt.pt, log.csv, samples_<step>.png, loss.png; with --classifier or --sample N also
-samples_<tag>.npz and .png, and their scores, eval_<tag>.json. Sections: 1. the recipe  2. one training step
-3. the training loop; then the machinery: 4. command line  5. data  6. checkpoints  7. sampling and pictures
-8. speed  9. processes, signals, log  10. the judge.
+Outputs go to runs/<model>: ckpt.pt, log.csv, samples_<step>.png, loss.png, and with --classifier or --sample N
+samples_<tag>.npz/.png and their scores, eval_<tag>.json. Sections 1-3 are the recipe, the step and the loop;
+4-10 the machinery: command line, data, checkpoints, pictures, speed, processes and log, the judge.
 """
 
 import argparse
@@ -48,10 +47,8 @@ import dig
 # thousand steps of a short run it leaves blurry blobs. What changes, and why (results/ablations.md has the tries):
 #   * lr 6e-4: a small model on 256 tokens takes a far larger step than DiT-XL does, and a short run has no
 #     steps to spare. A 1000-step linear warm-up lets the adaLN modulations grow from their zero initialisation
-#     before the steps get large, and the gradient norm is clipped at 1 against early spikes. Twice the rate
-#     learns faster at first, but in a six-minute run its loss spiked half-way and the samples came out worse.
-#   * the rate stays constant after warm-up; --decay 0.3 makes it fall linearly to 0 over the last 30% of the
-#     budget (--minutes or --steps) instead, which did not help at this rate in short runs.
+#     before the steps get large, and the gradient norm is clipped at 1 against early spikes. The rate then
+#     stays constant (--decay F: it falls linearly to 0 over the last share F of --minutes or --steps).
 #   * an EMA that warms up, decay = min(0.9995, (1 + step) / (10 + step)): it averages about the last step/9
 #     updates. A fixed 0.9999 would keep a share of the random initial weights for ~10,000 steps.
 #   * random horizontal flips: CIFAR-10 classes look the same mirrored, and at hundreds of epochs the flips
@@ -89,10 +86,10 @@ def ema_decay(step, target):
 # -----------------------------------------------------------------------------------------------------------
 # 2. One training step
 #
-# Everything random about step s (which examples, flips, diffusion steps t, noise, dropped labels) is drawn
-# for the whole global batch from a generator seeded by (seed, s), and each process takes its slice: a
-# resumed run draws exactly what an uninterrupted one would, and 1 or N processes train on the same numbers.
-# The step runs in three parts, so that the host sees the loss before any weight moves:
+# Everything random about step s (examples, flips, diffusion steps t, noise, dropped labels) is drawn for the
+# whole global batch from a generator seeded by (seed, s), and each process takes its slice: a resumed run draws
+# what an uninterrupted one would, and 1 or N processes train on the same numbers. The step has three parts, so
+# that the host sees the loss before any weight moves:
 #   1. forward and backward: the diffusion loss of this process's slice, and its gradients
 #   2. the gradients averaged over processes (what DistributedDataParallel does), and their norm
 #   3. update: gradient clipping, AdamW and the EMA, once the loop has seen that loss and norm are finite
@@ -234,38 +231,6 @@ def train(args, ckpt, rank, world, device):
     scores = sample_and_judge(sample_net, 10 * args.eval_per_class, step, data_shape(data), args, rank, world,
                               data) if args.classifier else {}
     return dict(step=step, out=args.out, **scores)
-
-
-def make_train_step(model, ema, opt, args, world, log, example_batch):
-    """The training step and the network the sampler calls: compiled, from CUDA graphs, on a GPU (section 8)."""
-    diffusion = dig.create_diffusion()
-    if model.pos_embed.device.type != "cuda" or args.eager:
-        return TrainStep(model, ema, opt, diffusion, args.grad_clip, world), ema
-    start = time.time()
-    step = CompiledTrainStep(dig.compile_blocks(model), ema, opt, diffusion, args.grad_clip, world, example_batch)
-    log.say(f"compiled the blocks and captured the training step as a CUDA graph in {time.time() - start:.0f} s")
-    return step, sampling_network(ema, args)
-
-
-def sampling_network(ema, args):
-    """The EMA network as the sampler calls it: on a GPU (without --eager) replayed from CUDA graphs."""
-    fast = ema.pos_embed.device.type == "cuda" and not args.eager
-    return dig.GraphedDenoiser(dig.compile_blocks(ema)) if fast else ema
-
-
-def stop_on_nan(loss, grad_norm, step, last_ckpt, args):
-    ckpt = os.path.join(args.out, "ckpt.pt")
-    last = f"The last good checkpoint is {ckpt} (step {last_ckpt})." if os.path.exists(ckpt) else "No checkpoint yet."
-    raise SystemExit(f"error: loss {loss} (gradient norm {grad_norm}) at step {step + 1}: stopping. {last} "
-                     f"Try a lower --lr, or --resume {args.out} with another --seed.")
-
-
-def sample_from_run(args, ckpt, rank, world, device):
-    """--sample N: N samples from the EMA weights of a finished run (labels 0, 1, ..., 0, 1, ...) in an .npz
-    and a grid of the first 100, judged too with --classifier; no training. Each process makes its share."""
-    _, ema, _, step, _ = build_run(args, ckpt, ckpt["data"], device)
-    net = sampling_network(ema, args)
-    return dict(step=step, out=args.out, **sample_and_judge(net, args.sample, step, ckpt["data"], args, rank, world))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -545,6 +510,13 @@ def load_checkpoint(path):
     return path, ckpt
 
 
+def stop_on_nan(loss, grad_norm, step, last_ckpt, args):
+    ckpt = os.path.join(args.out, "ckpt.pt")
+    last = f"The last good checkpoint is {ckpt} (step {last_ckpt})." if os.path.exists(ckpt) else "No checkpoint yet."
+    raise SystemExit(f"error: loss {loss} (gradient norm {grad_norm}) at step {step + 1}: stopping. {last} "
+                     f"Try a lower --lr, or --resume {args.out} with another --seed.")
+
+
 # -----------------------------------------------------------------------------------------------------------
 # 7. Sampling with the EMA weights, and pictures (pillow only): sample grids and the loss curve
 
@@ -602,6 +574,14 @@ def sample_and_judge(net, n, step, shape, args, rank, world, data=None, chunk=50
     return on_rank0(save_and_judge, rank, world)
 
 
+def sample_from_run(args, ckpt, rank, world, device):
+    """--sample N: N samples from the EMA weights of a finished run (labels 0, 1, ..., 0, 1, ...) in an .npz
+    and a grid of the first 100, judged too with --classifier; no training. Each process makes its share."""
+    _, ema, _, step, _ = build_run(args, ckpt, ckpt["data"], device)
+    net = sampling_network(ema, args)
+    return dict(step=step, out=args.out, **sample_and_judge(net, args.sample, step, ckpt["data"], args, rank, world))
+
+
 def to_uint8(x):
     """Pixels in [-1, 1] -> uint8 0..255."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -656,6 +636,23 @@ def plot_loss(log_path, png_path, width=640, height=360):
 # 8. Speed: the compiled training step (the GPU default; --eager turns it off, and dig.GraphedDenoiser for the
 # sampler). At CIFAR-10 sizes a step is ~1,000 small kernels: dig.compile_blocks fuses the element-wise work
 # between the matmuls, and a CUDA graph (dig.capture_cuda_graph) launches the whole forward and backward at once.
+
+def make_train_step(model, ema, opt, args, world, log, example_batch):
+    """The training step and the network the sampler calls: on a GPU (unless --eager) compiled, from CUDA graphs."""
+    diffusion = dig.create_diffusion()
+    if model.pos_embed.device.type != "cuda" or args.eager:
+        return TrainStep(model, ema, opt, diffusion, args.grad_clip, world), ema
+    start = time.time()
+    step = CompiledTrainStep(dig.compile_blocks(model), ema, opt, diffusion, args.grad_clip, world, example_batch)
+    log.say(f"compiled the blocks and captured the training step as a CUDA graph in {time.time() - start:.0f} s")
+    return step, sampling_network(ema, args)
+
+
+def sampling_network(ema, args):
+    """The EMA network as the sampler calls it: on a GPU (without --eager) replayed from CUDA graphs."""
+    fast = ema.pos_embed.device.type == "cuda" and not args.eager
+    return dig.GraphedDenoiser(dig.compile_blocks(ema)) if fast else ema
+
 
 class CompiledTrainStep(TrainStep):
     """TrainStep with part 1 compiled and replayed as one CUDA graph; each batch is first copied into the
