@@ -1099,13 +1099,22 @@ def start_training(argv, code=None, script=None, processes=1):
     return subprocess.Popen(cmd + argv, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def finish(proc, timeout):
+    """The child's output once it has exited; one still running after `timeout` s is killed and the test fails."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"the child ran past {timeout} s:\n" + proc.communicate()[0][-3000:])
+
+
 def test_two_processes_train_what_one_does_and_a_failure_in_one_stops_both(reference, cifar_dir, tmp_path):
     # torchrun with gloo: each process takes half of the same global batch, so the losses and the weights are
     # those of the one-process run up to rounding (the gradient is averaged in another order).
     out = str(tmp_path / "two")
     proc = start_training(TINY + ["--data-dir", cifar_dir, "--out", out, "--steps", "12", "--sample-every", "6"],
                           processes=2)
-    output = proc.communicate(timeout=120)[0]
+    output = finish(proc, 120)
     assert proc.returncode == 0 and "2 process(es)" in output, output[-3000:]
     assert_same_run(out, reference[0], exact=False)
     # Process 0 fails to download CIFAR-10 while process 1 waits: both must leave within seconds, process 1 saying why.
@@ -1115,7 +1124,7 @@ def test_two_processes_train_what_one_does_and_a_failure_in_one_stops_both(refer
     start = time.time()
     proc = start_training(TINY + ["--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), "--steps",
                                   "2"], script=str(script), processes=2)
-    output = proc.communicate(timeout=60)[0]
+    output = finish(proc, 60)
     assert proc.returncode != 0 and time.time() - start < 60
     assert "process 0 failed, so process 1 stops too" in output and "downloading it failed" in output
 
@@ -1134,7 +1143,7 @@ def read_until(proc, text):
 
 def kill(proc):
     proc.kill()
-    proc.communicate(timeout=60)
+    finish(proc, 60)
     assert proc.returncode == -signal.SIGKILL
 
 
@@ -1144,7 +1153,7 @@ def test_a_signal_writes_a_checkpoint_and_the_resumed_run_matches(reference, cif
     proc = start_training(TINY + ["--data-dir", cifar_dir, "--out", out, "--steps", "100000"])
     read_until(proc, "step 3/")
     os.kill(proc.pid, getattr(signal, sig))
-    rest = proc.communicate(timeout=60)[0]
+    rest = finish(proc, 60)
     assert proc.returncode == 128 + getattr(signal, sig), rest     # not 0: the run did not finish
     reached = load(out, "step")
     assert 3 <= reached < 12 and f"stopped by {sig} after step {reached}" in rest and f"--resume {out}" in rest
