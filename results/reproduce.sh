@@ -93,8 +93,8 @@ case "${1:-}" in
     train)   train "${2:?which model, e.g. DiG-S/2 or DiT-S/2}" ;;
     scaling) scaling ;;
     ablate)  python3 results/ablate.py train --steps 1800 --parallel 3 --ema-warmups 3 30 --data-dir data \
-                 --classifier "$RESNET56" --out runs/ablate base="--warmup 300" wsd="--warmup 300 --decay 0.3" \
-                 wsd_lr12="--warmup 300 --decay 0.3 --lr 1.2e-3"
+                 --classifier "$RESNET56" --out runs/ablate base="--warmup 300 --lr 6e-4 --decay 0" \
+                 wsd="--warmup 300 --lr 6e-4 --decay 0.3" wsd_lr12="--warmup 300 --lr 1.2e-3 --decay 0.3"
              { header ablate; python3 results/ablate.py table runs/ablate; } | tee "$RESULTS/ablation_runs.md" ;;
     guidance) python3 results/ablate.py guidance "${2:?a run folder, e.g. runs/DiG-S-2-6min}" --classifier "$RESNET56"
              { header guidance "$2"; python3 results/ablate.py table "$2"; } | tee "$RESULTS/guidance.md" ;;
