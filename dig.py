@@ -5,7 +5,7 @@ DiG (Zhu et al. 2024) is DiT (Peebles & Xie 2023) with the softmax self-attentio
 Attention (GLA, Yang et al. 2023). GLA is a recurrence over the tokens with a fixed-size state, so its cost
 grows linearly with the number of image tokens instead of quadratically. A recurrence reads the tokens in one
 order, so DiG changes that order from block to block (row-major, reversed, column-major, reversed) and runs a
-3x3 depthwise convolution after every block so that neighbouring patches always see each other.
+3x3 depthwise convolution at the end of every block so that neighbouring patches always see each other.
 
 Read top to bottom: 1. conditioning and embeddings (shared with DiT)  2. the parts of a DiG block: adaLN-Zero,
 GLA token mixer, SwiGLU MLP, depthwise convolution  3. the scan order, and the DiG block  4. the model: the trunk
@@ -130,8 +130,8 @@ class AdaLNZeroBlock(nn.Module):
 
     def forward(self, x, c):
         # x: [N, T, D]; c: [N, D] -> six [N, D] modulation vectors
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.mixer(modulate(self.norm1(x), shift_msa, scale_msa))
+        shift_mix, scale_mix, gate_mix, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_mix.unsqueeze(1) * self.mixer(modulate(self.norm1(x), shift_mix, scale_mix))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -144,11 +144,11 @@ class GatedLinearAttention(nn.Module):
         S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t
 
     Token t sees the tokens up to and including itself in the scan order, which changes from block to block.
-    Keys are half as wide as values (expand_k = 0.5, expand_v = 1): head dims K = D / 2 / heads, V = D / heads.
-    These choices, the rank-16 forget gate divided by 16 and the output's RMSNorm times swish gate, are the GLA
-    layer of the official DiG code (flash-linear-attention's)."""
+    Keys are half as wide as values: head dims K = D / 2 / heads, V = D / heads. These, a rank-16 forget gate
+    whose logsigmoid is divided by 16 (see forward), and the output's RMSNorm times swish gate are the GLA layer
+    of the official DiG code (flash-linear-attention's)."""
 
-    def __init__(self, dim, num_heads, gate_rank=16, gate_normalizer=16):
+    def __init__(self, dim, num_heads, forget_rank=16, forget_normalizer=16):
         super().__init__()
         if dim % (2 * num_heads):
             raise ValueError(f"GLA needs hidden_size divisible by 2 * num_heads; got {dim} and {num_heads} heads")
@@ -156,13 +156,13 @@ class GatedLinearAttention(nn.Module):
         self.num_heads = num_heads
         self.head_k, self.head_v = key_dim // num_heads, value_dim // num_heads
         self.scale = self.head_k ** -0.5
-        self.gate_normalizer = gate_normalizer
+        self.forget_normalizer = forget_normalizer
         # One matmul makes the mixer's five inputs from x: queries, keys, values, the output gate, and the first
         # half of the forget gate's rank-16 bottleneck (a per-token, per-channel decay for few parameters). It
         # reads x once, where five matmuls would each read it and, under autocast, each keep a bf16 copy of it.
-        self.split_sizes = (key_dim, key_dim, value_dim, value_dim, gate_rank)
+        self.split_sizes = (key_dim, key_dim, value_dim, value_dim, forget_rank)
         self.in_proj = nn.Linear(dim, sum(self.split_sizes), bias=False)
-        self.forget_gate = nn.Linear(gate_rank, key_dim)          # the bottleneck's second half
+        self.forget_gate = nn.Linear(forget_rank, key_dim)         # the bottleneck's second half
         self.norm_weight = nn.Parameter(torch.ones(self.head_v))   # RMSNorm over each head, one weight for all
         self.proj = nn.Linear(value_dim, dim, bias=False)
         # Each projection is Xavier with gain 2**-2.5 (as in the official code), which keeps the state's
@@ -174,13 +174,13 @@ class GatedLinearAttention(nn.Module):
     def forward(self, x):
         N, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k, self.head_v
-        q, k, v, out_gate, gate_low_rank = self.in_proj(x).split(self.split_sizes, dim=-1)
+        q, k, v, out_gate, forget_low_rank = self.in_proj(x).split(self.split_sizes, dim=-1)
         # q, k, v stay views into the projection output, consecutive tokens sum(split_sizes) apart: the kernel
         # reads tokens of any stride, so nothing is copied.
         q, k, v = q.view(N, T, H, K), k.view(N, T, H, K), v.view(N, T, H, V)
         # Log forget gate in (-inf, 0]. Dividing logsigmoid by 16 pulls the per-token decay exp(g) close to 1
         # (0.96 at a zero logit), so the state remembers over tens of tokens rather than a few.
-        g = F.logsigmoid(self.forget_gate(gate_low_rank)) / self.gate_normalizer
+        g = F.logsigmoid(self.forget_gate(forget_low_rank)) / self.forget_normalizer
         g = g.to(q.dtype).view(N, T, H, K)                                      # [N, T, H, K]
         # The gates are <= 0 by construction, so the gate check (a device sync) is switched off.
         o, _ = self._gla(q)(q, k, v, g, scale=self.scale, check_gate=False)    # [N, T, H, V]
@@ -202,7 +202,8 @@ class GatedLinearAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Bias-free SwiGLU MLP: down(silu(x W_gate) * x W_value), hidden width about 8D/3 rounded up to 256s."""
+    """Bias-free SwiGLU MLP: down(silu(x W_gate) * x W_value). Hidden width 8D/3 rounded up to 256s: three
+    matrices of D x 8D/3 hold as many weights as DiT's two of D x 4D."""
 
     def __init__(self, dim):
         super().__init__()
@@ -303,8 +304,8 @@ class DiffusionTransformer(nn.Module):
       input_size: side of the (square) input in pixels or latent cells; patch_size must divide it.
       in_channels: channels of the input (4 for Stable Diffusion latents, 3 for pixels).
       num_classes: class labels 0..num_classes-1; num_classes itself is the null label.
-      learn_sigma: also predict v, which places the variance of each reverse step (section 7); doubles the
-        output channels.
+      learn_sigma: also predict, per pixel, IDDPM's variance interpolation v (not v-prediction; section 7);
+        doubles the output channels.
       class_dropout_prob: how often a training label is dropped to the null label (for guidance).
     """
 
@@ -334,11 +335,11 @@ class DiffusionTransformer(nn.Module):
         Returns [N, out_channels, input_size, input_size]: the predicted noise (and v, see section 7)."""
         self._check_inputs(x, t, y)
         x = self.x_embedder(x).flatten(2).transpose(1, 2)   # [N, D, E, E] -> [N, T, D], tokens in raster order
-        x = x.contiguous() + self.pos_embed                  # row-major: the transpose left [N, D, T] in memory
+        x = x.contiguous() + self.pos_embed                  # copy to row-major [N, T, D] (memory was [N, D, T])
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)   # [N, D]
         x = self.run_blocks(x, c)                            # [N, T, D]
         x = self.final_layer(x, c)                           # [N, T, p*p*out_channels]
-        return self.unpatchify(x)                            # [N, out_channels, H, W]
+        return self.unpatchify(x)                            # [N, out_channels, input_size, input_size]
 
     def _check_inputs(self, x, t, y):
         expected = (self.in_channels, self.input_size, self.input_size)
@@ -378,7 +379,7 @@ class DiffusionTransformer(nn.Module):
 
 
 class DiG(DiffusionTransformer):
-    """DiT with GLA blocks, a scan order that turns every block, and a depthwise conv after each block.
+    """DiT with GLA blocks, a scan order that turns every block, and a depthwise conv at the end of each block.
     Other keyword arguments (input_size, in_channels, num_classes, ...): see DiffusionTransformer."""
 
     def __init__(self, depth=12, hidden_size=384, num_heads=6, patch_size=2, **kwargs):
@@ -446,10 +447,11 @@ class DiT(DiffusionTransformer):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 6. Named configurations: (depth, hidden size, heads) per size; patch 2, 4 or 8.
+# 6. Named configurations: (depth, hidden size, heads) per size; patch 2, 4 or 8. Heads are 64 wide at every size
+# (GLA: K 32, V 64), so DiT-XL here has 18 heads where the official one has 16 of 72.
 # Each entry is a function (**kwargs) -> model, e.g. DiG_models["DiG-S/2"](input_size=32, num_classes=10).
 
-SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 18)}   # DiT-XL too: 18 x 64
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 18)}
 
 
 def _configs(cls):
@@ -465,12 +467,12 @@ DiT_models = _configs(DiT)
 # -----------------------------------------------------------------------------------------------------------
 # 7. Gaussian diffusion (DiT / IDDPM)
 #
-# Forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, with abar_t = prod_{s<=t} (1 - beta_s).
-# The network predicts eps and, per pixel, a value v (nominally in [-1, 1], not clamped) that places the
-# variance of the reverse step between beta_t and the true posterior variance ("learned range", in log space).
-# Loss = MSE(eps) + the variational bound term, which trains only the variance: it sees the predicted mean
-# through a stop-gradient ("hybrid" loss). The schedule arrays are float64 numpy, as in IDDPM; values are
-# looked up per step and used in float32.
+# Forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, with abar_t = prod_{s<=t} (1 - beta_s)
+# (alphas_cumprod below). The network predicts eps and, per pixel, a value v (IDDPM's interpolation weight, not
+# v-prediction; nominally in [-1, 1], not clamped) that places the variance of the reverse step between beta_t
+# and the true posterior variance ("learned range", in log space). Loss = MSE(eps) + the variational bound term,
+# which trains only the variance: it sees the predicted mean through a stop-gradient ("hybrid" loss). The
+# schedule arrays are float64 numpy, as in IDDPM; values are looked up per step and used in float32.
 
 
 def linear_betas(num_timesteps=1000):
@@ -488,7 +490,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
-    """log P(x) for data in [-1, 1] quantised to 256 levels (bins of width 2/255), under N(means, e^log_scales^2):
+    """log P(x) for data in [-1, 1] quantised to 256 levels (bins of width 2/255), under N(means, std e^log_scales):
     the Gaussian mass of x's bin, with the end bins stretched to -inf and +inf. Used at t = 0 (also for
     continuous latents, as in the official code). IDDPM uses a tanh approximation of the normal CDF; we use erf."""
     cdf = lambda z: 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))

@@ -16,8 +16,8 @@ G the cumulative sum of g inside a chunk (G_last its last row), a chunk needs on
 
 The first term is what the past (the state) gives a chunk, the second what the chunk's own tokens give each
 other: C^2 K work per chunk, in parallel, and T / C sequential steps instead of T. The trap is exp(-G): with
-strongly negative gates (g = -5 per token is e^80 over 16 tokens, e^320 over 64) it overflows float32, so every
-form below only ever computes exponents that are never positive.
+strongly negative gates (g = -10 per token is e^160 over 16 tokens; float32 ends near e^88) it overflows, so
+every form below only ever computes exponents that are never positive.
 
 Sections: 1. the recurrence (naive_gla, the ground truth) and the chunked form in PyTorch (chunk_gla_torch)
 2. the Triton kernels  3. the PyTorch operator around them (chunk_gla)  4. a benchmark (python gla_kernel.py).
@@ -94,6 +94,12 @@ def naive_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     return o.to(v.dtype), (S if output_final_state else None)
 
 
+def _check_gate(g):
+    if g.numel() and not bool((g <= 0).all()):       # NaN fails g <= 0 too
+        found = "NaN" if bool(g.isnan().any()) else f"a maximum of {g.max().item():.4g}"
+        raise ValueError(f"gates must be log-space forget gates, g <= 0 (e.g. logsigmoid(x) / 16); got {found}")
+
+
 def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_state=False, check_gate=True,
                     chunk_size=16):
     """The chunked algorithm in plain PyTorch (autograd does the backward): the model's path on a CPU. Any device,
@@ -103,13 +109,13 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
     if check_gate:
         _check_gate(g)
     B, T, H, K = q.shape
-    V, C = v.shape[-1], chunk_size
+    V, C = v.shape[-1], chunk_size     # the element-wise decay below holds T * C * K numbers per head: C stays small
     scale = K ** -0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     n = math.ceil(T / C)
     # Pad T up to n * C. Padded tokens have q = k = v = 0 and g = 0 (no decay), so they change nothing.
     pad = lambda x: F.pad(x.to(acc), (0, 0, 0, 0, 0, n * C - T))
-    # [B, T, H, D] -> [B, H, n, C, D]
+    # [B, T, H, K or V] -> [B, H, n, C, K or V]
     q, k, v, g = (pad(x).view(B, n, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q, k, v, g))
     G = g.cumsum(dim=3)                                            # cumulative gate inside each chunk
     G_last = G[:, :, :, -1:, :]                                    # [B, H, n, 1, K]
@@ -671,12 +677,6 @@ class _EagerGLA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, d_states):
         return _gla_gradients(ctx, do, d_states, backward=_gla_backward)
-
-
-def _check_gate(g):
-    if g.numel() and not bool((g <= 0).all()):       # NaN fails g <= 0 too
-        found = "NaN" if bool(g.isnan().any()) else f"a maximum of {g.max().item():.4g}"
-        raise ValueError(f"gates must be log-space forget gates, g <= 0 (e.g. logsigmoid(x) / 16); got {found}")
 
 
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, check_gate=True):

@@ -102,7 +102,7 @@ def draw_batch(data, step, args, rank, world, generator):
     """This process's slice of step `step`: x (pixels in [-1, 1], randomly flipped, or latents), labels y,
     diffusion steps t, noise, and which labels are dropped for guidance."""
     n, device = args.batch_size, generator.device
-    generator.manual_seed(args.seed * 1_000_003 + step)
+    generator.manual_seed(args.seed * 1_000_003 + step)     # a seed of its own for every (seed, step < 1,000,003)
     mine = slice(rank * n // world, (rank + 1) * n // world)
     idx = batch_indices(step, len(data.x), n, args.seed)[mine].to(data.x.device)   # an epoch's permutation, seeded
     x, y = data.x[idx].to(device), data.y[idx].to(device)
@@ -156,13 +156,13 @@ class TrainStep:
         return self.grad_norm
 
     @torch.no_grad()
-    def update(self, lr, ema_decay):
+    def update(self, lr, decay):
         """Part 3: clip as nn.utils.clip_grad_norm_ does (with the norm of part 2), AdamW, EMA."""
         self.flat_grad.mul_((self.grad_clip / (self.grad_norm + 1e-6)).clamp(max=1.0))
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
-        update_ema(self.ema_params, self.model_params, ema_decay)
+        update_ema(self.ema_params, self.model_params, decay)
 
 
 @torch.no_grad()
@@ -192,7 +192,9 @@ def train(args, ckpt, rank, world, device):
             f"{data.num_classes} classes | {world} process(es) on {device.type} | global batch {args.batch_size}"
             f" | out {args.out}" + (f" | resuming at step {step}" if ckpt else ""))
     generator = torch.Generator(device=device)
-    with log.paused():    # compiling counts against --minutes, not against the speed
+    # train_step: a TrainStep (on a GPU compiled and replayed as a CUDA graph, section 8); sample_net: the EMA
+    # network as the sampler calls it. Compiling counts against --minutes, not against the speed.
+    with log.paused():
         train_step, sample_net = make_train_step(model, ema, opt, args, world, log,
                                                  draw_batch(data, step, args, rank, world, generator))
     last_ckpt, done = step, log.progress(step, log.time_used(elapsed)) >= 1   # a resumed run's budget may be spent
@@ -222,7 +224,8 @@ def train(args, ckpt, rank, world, device):
                     return dict(step=step, out=args.out, stopped=stop)
                 if args.sample_every and step % args.sample_every == 0:
                     log.seconds_per_image = save_sample_grid(sample_net, data, step, args, rank, world)
-        if last_ckpt != step or not os.path.exists(os.path.join(args.out, "ckpt.pt")):   # signals still just noted
+        # Still inside StopRequests: a signal now is only noted, and this last checkpoint is written whole.
+        if last_ckpt != step or not os.path.exists(os.path.join(args.out, "ckpt.pt")):
             save_checkpoint(args, model, ema, opt, data, step, log, rank, world)
     # The end: the last sample grid, the loss curve, and with --classifier samples judged by the ResNet-56.
     if not args.sample_every or step % args.sample_every:
