@@ -1081,7 +1081,7 @@ def test_time_budget_stops_the_run_a_new_budget_extends_it_and_the_ema_follows_i
 def test_latents_run(tmp_path, device):
     out, latents = str(tmp_path / "lat"), str(tmp_path / "latents.npz")
     np.savez(latents, latents=np.random.standard_normal((48, 4, 8, 8)).astype(np.float32), labels=np.arange(48) % 5)
-    tiny = TINY[:1] + ["DiG-S/2"] + TINY[2:-1] + [device]  # 8x8 latents in 2x2 patches: 16 tokens
+    tiny = TINY[:1] + ["DiG-S/2"] + TINY[2:-2] + ["--device", device]  # 8x8 latents in 2x2 patches: 16 tokens
     assert train_tiny.main(tiny + ["--latents", latents, "--out", out, "--steps", "3"])["step"] == 3
     assert load(out)["x_embedder.weight"].shape[1] == 4   # the patch embedding takes 4 channels
     # 5 classes, 10 samples each; 8x8 latents are enlarged 4x to 32x32 tiles
