@@ -3,15 +3,12 @@ Train a small class-conditional DiG (or its DiT twin) on CIFAR-10, or on latents
 
     python train_tiny.py                          # GPU: DiG-S/2 on CIFAR-10 for 15 minutes; CPU: a smoke run
     python train_tiny.py --model DiT-S/2          # the softmax-attention twin, same recipe
-    python train_tiny.py --classifier resnet56-4bfd9763.th   # judge the final samples with a CIFAR-10 ResNet-56
     python train_tiny.py --resume runs/DiG-S-2    # continue a run where its last checkpoint left it
-    python train_tiny.py --resume runs/DiG-S-2 --sample 5000  # samples from a run's EMA weights, no training
     torchrun --nproc_per_node=4 train_tiny.py     # several GPUs, the global batch split between them
+    python results/judge.py runs/DiG-S-2 --classifier resnet56-4bfd9763.th   # its samples, judged by a ResNet-56
 
-Outputs go to runs/<model>: ckpt.pt, log.csv, samples_<step>.png, loss.png, and with --classifier or --sample N
-samples_<tag>.npz/.png and their scores, eval_<tag>.json. Sections 1-3 are the recipe, the step and the loop;
-4-10 the machinery: command line, data, checkpoints, pictures, speed, processes and log, the judge.
-"""
+Outputs go to runs/<model>: ckpt.pt, log.csv, samples_<step>.png, loss.png. Sections 1-3: the recipe, the step,
+the loop; 4-9 the machinery: command line, data, checkpoints, pictures, speed, processes and log."""
 
 import argparse
 import collections
@@ -20,7 +17,6 @@ import copy
 import csv
 import hashlib
 import io
-import json
 import math
 import os
 import pickle
@@ -33,7 +29,6 @@ import urllib.request
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
@@ -42,23 +37,23 @@ import dig
 # -----------------------------------------------------------------------------------------------------------
 # 1. The recipe. Every setting is a command-line flag; these are the defaults on a GPU and on a CPU.
 #
-# GPU: recognisable class-conditional CIFAR-10 samples in minutes on one GPU. The official DiT recipe (AdamW
-# lr 1e-4, constant; EMA 0.9999; no warm-up; samples at guidance 1.5 for FID) is made for 400K steps; in the few
-# thousand steps of a short run it leaves blurry blobs. What changes, and why (results/ablations.md has the tries):
-#   * lr 9e-4: a small model on 256 tokens takes a far larger step than DiT-XL does, and a short run has no
-#     steps to spare. A 1000-step linear warm-up lets the adaLN modulations grow from their zero initialisation
-#     before the steps get large, and the gradient norm is clipped at 1 against early spikes.
+# GPU: recognisable class-conditional CIFAR-10 samples in minutes. The official DiT recipe (AdamW lr 1e-4,
+# constant; EMA 0.9999; no warm-up; guidance 1.5) is made for 400K steps; in the few thousand of a short run it
+# leaves blurry blobs. What changes, and why (results/ablations.md has the tries):
+#   * lr 9e-4: a small model on 256 tokens takes a far larger step than DiT-XL, and a short run has no steps
+#     to spare. A 1000-step linear warm-up lets the adaLN modulations grow from zero before the steps get
+#     large; the gradient norm is clipped at 1 against early spikes.
 #   * the rate falls linearly to 0 over the last 30% of the budget (--minutes or --steps; --decay): large
 #     steps learn fast but leave the weights noisy; the shrinking steps at the end let them settle.
-#   * an EMA that warms up, decay = min(0.9995, (1 + step) / (10 + step)): it averages about the last step/9
-#     updates. A fixed 0.9999 would keep a share of the random initial weights for ~10,000 steps.
-#   * random horizontal flips: CIFAR-10 classes look the same mirrored, and at hundreds of epochs the flips
-#     double the data the model sees. (Not for latents: a mirrored latent is not the latent of a mirror image.)
-#   * classifier-free guidance at scale 3: a young model's conditional and unconditional predictions differ only
-#     a little, and guidance amplifies exactly that difference, the class. 100 ancestral steps suffice at 32x32.
-# CPU: a smoke test, a 4-block, 128-wide DiG on 4x4 patches, that shows the whole pipeline in about a minute.
-# Both keep DiT's diffusion (1000 steps, learned variance, hybrid loss) and its label dropout of 0.1. On a GPU
-# the network runs under bf16 autocast, on a CPU in float32.
+#   * an EMA that warms up, decay = min(0.9995, (1 + step) / (10 + step)), averages about the last step/9
+#     updates; a fixed 0.9999 would keep a share of the random initial weights for ~10,000 steps.
+#   * random horizontal flips: CIFAR-10 classes look the same mirrored, and over hundreds of epochs the flips
+#     double the data. (Not for latents: a mirrored latent is not the latent of a mirror image.)
+#   * classifier-free guidance at scale 3: a young model's conditional and unconditional predictions differ
+#     little, and guidance amplifies exactly that difference, the class. 100 ancestral steps suffice at 32x32.
+# CPU: a smoke test, a 4-block, 128-wide DiG on 4x4 patches: the whole pipeline in about a minute. Both keep
+# DiT's diffusion (1000 steps, learned variance, hybrid loss) and label dropout of 0.1; on a GPU the network
+# runs under bf16 autocast, on a CPU in float32.
 
 def default_config(on_gpu):
     if on_gpu:
@@ -99,8 +94,8 @@ Data = collections.namedtuple("Data", "x y latent num_classes")   # x: [N, C, H,
 
 
 def draw_batch(data, step, args, rank, world, generator):
-    """This process's slice of step `step`: x (pixels in [-1, 1], randomly flipped, or latents), labels y,
-    diffusion steps t, noise, and which labels are dropped for guidance."""
+    """This process's slice of step `step`: x (pixels in [-1, 1], flipped at random, or latents), labels y,
+    diffusion steps t, noise, and the labels dropped for guidance."""
     n, device = args.batch_size, generator.device
     generator.manual_seed(args.seed * 1_000_003 + step)     # a seed of its own for every (seed, step < 1,000,003)
     mine = slice(rank * n // world, (rank + 1) * n // world)
@@ -121,8 +116,7 @@ class TrainStep:
         self.model, self.opt, self.diffusion, self.grad_clip, self.world = model, opt, diffusion, grad_clip, world
         self.model_params, self.ema_params = list(model.parameters()), list(ema.parameters())
         self.trained = [p for p in self.model_params if p.requires_grad]
-        # Every gradient lives in one flat buffer (each .grad a view of its slice, which backward adds into):
-        # one zero_, one all_reduce and one norm for all of them.
+        # All gradients live in one flat buffer (each .grad a view of it): one zero_, all_reduce and norm for all.
         sizes = [p.numel() for p in self.trained]
         self.flat_grad = torch.zeros(sum(sizes), device=self.trained[0].device)
         self.grad_views = [view.view_as(p) for view, p in zip(self.flat_grad.split(sizes), self.trained)]
@@ -176,11 +170,11 @@ def update_ema(ema_params, model_params, decay):
 # 3. The training loop
 
 def main(argv=None):
-    """Train (or, with --sample, make samples) as the command line says; returns what the run reports."""
+    """Train as the command line says; returns the last step, the output folder and, if stopped, the signal."""
     args, ckpt = parse_args(argv)
     with processes(args.device) as (rank, world, device):
         settle_args(args, ckpt, world)
-        return (sample_from_run if args.sample else train)(args, ckpt, rank, world, device)
+        return train(args, ckpt, rank, world, device)
 
 
 def train(args, ckpt, rank, world, device):
@@ -212,7 +206,7 @@ def train(args, ckpt, rank, world, device):
             step += 1
             done = log.progress(step, time_used) >= 1
             # log, checkpoint, samples; stop when asked to (a signal) or out of time
-            log.add(loss)
+            log.losses.append(loss)
             if step % args.log_every == 0 or done or stop:
                 log.report(step, lr)
             with log.paused():      # checkpoints and samples do not count against the speed
@@ -223,18 +217,15 @@ def train(args, ckpt, rank, world, device):
                             f"continue with: python train_tiny.py --resume {args.out}")
                     return dict(step=step, out=args.out, stopped=stop)
                 if args.sample_every and step % args.sample_every == 0:
-                    log.seconds_per_image = save_sample_grid(sample_net, data, step, args, rank, world)
+                    save_sample_grid(sample_net, data, step, args, rank, world)
         # Still inside StopRequests: a signal now is only noted, and this last checkpoint is written whole.
         if last_ckpt != step or not os.path.exists(os.path.join(args.out, "ckpt.pt")):
             save_checkpoint(args, model, ema, opt, data, step, log, rank, world)
-    # The end: the last sample grid, the loss curve, and with --classifier samples judged by the ResNet-56.
     if not args.sample_every or step % args.sample_every:
         save_sample_grid(sample_net, data, step, args, rank, world)
     on_rank0(lambda: plot_loss(os.path.join(args.out, "log.csv"), os.path.join(args.out, "loss.png")), rank, world)
-    log.say(f"done: {step} steps, {fmt_time(log.elapsed())}; checkpoint {os.path.join(args.out, 'ckpt.pt')}")
-    scores = sample_and_judge(sample_net, 10 * args.eval_per_class, step, data_shape(data), args, rank, world,
-                              data) if args.classifier else {}
-    return dict(step=step, out=args.out, **scores)
+    log.say(f"done: {step} steps, {log.elapsed() / 60:.1f} min; checkpoint {os.path.join(args.out, 'ckpt.pt')}")
+    return dict(step=step, out=args.out)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -278,7 +269,7 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=fraction, help="EMA decay (reached gradually: min(ema, (1+step)/(10+step)))")
     p.add_argument("--grad-clip", type=positive, default=1.0, help="clip the gradient norm to this")
     p.add_argument("--sample-steps", type=checked(int, lambda v: 2 <= v <= 1000, "between 2 and 1000"),
-                   help="sampling steps for the sample grids and --classifier")
+                   help="sampling steps for the sample grids")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
     p.add_argument("--cfg-scale", type=at_least_0, help="classifier-free guidance scale (1: none, 0: unconditional)")
     p.add_argument("--sample-every", type=count, help="save a sample grid every this many steps (0: only at end)")
@@ -287,17 +278,13 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default: runs/<model>, or the folder of --resume)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", help="checkpoint file, or a folder holding ckpt.pt, to continue from")
-    p.add_argument("--classifier", help="CIFAR-10 ResNet-56 weights: judge the final samples with it")
-    p.add_argument("--eval-per-class", type=positive_count, default=100, help="samples per class for --classifier")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: the resumed run's, else cuda if there is one")
     p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=False,
                    help="GPU: plain PyTorch, no compiled blocks or CUDA graphs (slower; for debugging)")
-    p.add_argument("--sample", type=positive_count, metavar="N", help="with --resume: make N samples from the EMA "
-                   "weights (an .npz and a grid; judged too with --classifier) instead of training")
     args, ckpt = p.parse_args(argv), None
     if args.resume:
         path, ckpt = load_checkpoint(args.resume)
-        saved = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "sample")}
+        saved = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "out")}
         if args.steps is not None or args.minutes is not None:
             saved.update(steps=None, minutes=None)
         p.set_defaults(**saved)
@@ -315,8 +302,7 @@ def parse_args(argv=None):
 
 
 def settle_args(args, ckpt, world):
-    """Fill in the device's defaults for what is still unset; refuse impossible settings before anything is
-    built, one line each."""
+    """Fill in the device's defaults for what is still unset; refuse impossible settings before anything is built."""
     defaults = default_config(on_gpu=args.device == "cuda")
     if args.model is not None:          # a model named on the command line comes at its own size
         defaults.update(depth=None, hidden_size=None, num_heads=None)
@@ -326,17 +312,15 @@ def settle_args(args, ckpt, world):
     for k, v in defaults.items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.out = args.out or os.path.join("runs", args.model.replace("/", "-"))
-    problems = [message for problem, message in [
-        (args.sample is not None and not ckpt, "--sample N makes samples from a finished run: give --resume too"),
+    for problem, message in [
         (args.batch_size % world, f"--batch-size {args.batch_size} must divide evenly across {world} processes"),
         (args.model not in {**dig.DiG_models, **dig.DiT_models}, f"unknown model {args.model!r}; choose one of "
          f"{sorted(dig.DiG_models) + sorted(dig.DiT_models)}"),
-        (args.classifier and not os.path.isfile(args.classifier), f"--classifier {args.classifier}: no such file"),
         (os.path.isfile(args.out), f"--out {args.out} is a file; give a folder for the run's outputs"),
         (not ckpt and os.path.exists(os.path.join(args.out, "ckpt.pt")), f"{args.out} already holds a run; "
-         f"continue it with --resume {args.out}, or give another --out")] if problem]
-    if problems:
-        raise SystemExit(f"error: {problems[0]}")
+         f"continue it with --resume {args.out}, or give another --out")]:
+        if problem:
+            raise SystemExit(f"error: {message}")
     os.makedirs(args.out, exist_ok=True)
 
 
@@ -363,14 +347,13 @@ def load_data(args, rank, world, device):
 
 
 def data_shape(data):
-    """What a model for this data is built for (saved in checkpoints, so that --sample needs no data)."""
+    """What a model for this data is built for (saved in checkpoints, so that sampling a run needs no data)."""
     return dict(input_size=data.x.shape[-1], in_channels=data.x.shape[1], num_classes=data.num_classes,
                 latent=data.latent)
 
 
 def batch_indices(step, n_examples, global_batch, seed):
-    """The examples of global batch `step`: a fresh permutation every epoch, seeded by (seed, epoch); the
-    last, incomplete batch of an epoch is skipped."""
+    """Global batch `step`: from a permutation seeded by (seed, epoch); an epoch's incomplete last batch is skipped."""
     epoch, i = divmod(step, n_examples // global_batch)
     perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return perm[i * global_batch:(i + 1) * global_batch]
@@ -392,9 +375,8 @@ def download_cifar10(data_dir):
         with urllib.request.urlopen(CIFAR_URL, timeout=60) as r:
             archive = r.read()
     except OSError as e:  # no network, DNS failure, HTTP error, timeout
-        raise SystemExit(f"error: CIFAR-10 is not in {os.path.abspath(data_dir)} and downloading it failed ({e})."
-                         f"\nOn a machine with internet, get {CIFAR_URL} (MD5 {CIFAR_MD5}), extract it, and put "
-                         f"its cifar-10-batches-py/ folder under DATA_DIR (--data-dir).")
+        raise SystemExit(f"error: CIFAR-10 is not in {os.path.abspath(data_dir)} and downloading it failed ({e}). "
+                         f"Get {CIFAR_URL} (MD5 {CIFAR_MD5}) and extract it into DATA_DIR (--data-dir).")
     if hashlib.md5(archive).hexdigest() != CIFAR_MD5:
         raise SystemExit(f"error: the download of {CIFAR_URL} is corrupt (MD5 {hashlib.md5(archive).hexdigest()}, "
                          f"expected {CIFAR_MD5}); nothing was written. Run again to retry.")
@@ -403,8 +385,8 @@ def download_cifar10(data_dir):
 
 
 class CifarUnpickler(pickle.Unpickler):
-    """The official batches are pickles, and unpickling runs whatever a file names: only what their dicts of
-    bytes, lists and numpy arrays need is let through (and the bytes encoder of Python 3's protocol-2 pickles)."""
+    """Unpickling runs whatever a file names: only what CIFAR-10's dicts of bytes, lists and numpy arrays need
+    (and the bytes encoder of Python 3's protocol-2 pickles) is let through."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
@@ -442,8 +424,7 @@ def load_latents(path):
             x, y = f["latents"], f["labels"]
         ok = (x.ndim == 4 and x.shape[2] == x.shape[3] and y.shape == (len(x),) and len(y) > 0
               and np.issubdtype(y.dtype, np.integer) and y.min() >= 0 and np.isfinite(x).all())
-        found = f"latents {x.shape}, labels {y.shape} {y.dtype}" + (
-            f" from {y.min()} to {y.max()}, finite: {np.isfinite(x).all()}" if len(y) else "")
+        found = f"latents {x.shape}, labels {y.shape} {y.dtype}, finite: {np.isfinite(x).all()}"
     except Exception as e:
         found, ok = f"{type(e).__name__}: {e}", False
     if not ok:
@@ -453,10 +434,9 @@ def load_latents(path):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 6. The model, its EMA and optimizer, and checkpoints: written to a temporary file and renamed over the old one
-# (atomic), so a crash mid-write leaves the previous one intact; only tensors, numbers and strings, so that
-# torch.load(..., weights_only=True) reads them. The step number is the whole of "where were we": every random
-# number of step s comes from (seed, s). So a resumed run matches an uninterrupted one, on a CPU bit for bit.
+# 6. The model, its EMA and optimizer, and checkpoints: written to a temporary file, then renamed over the old
+# one (atomic); tensors, numbers and strings only, for torch.load(..., weights_only=True). The step is all of
+# "where were we" (step s draws from (seed, s)): a resumed run matches an uninterrupted one, on a CPU bit for bit.
 
 def build_run(args, ckpt, shape, device):
     """(model, ema, optimizer, step, elapsed seconds): fresh, or as the checkpoint left them."""
@@ -535,59 +515,16 @@ def generate(net, labels, args, seed, progress=False):
 
 
 def save_sample_grid(net, data, step, args, rank, world):
-    """samples_<step>.png (rank 0): a row for each class (at most 10 rows), 10 samples each; returns the
-    seconds it took per image."""
+    """samples_<step>.png (rank 0): a row for each class (at most 10 rows), 10 samples each."""
     def save():
-        start = time.time()
         classes = torch.linspace(0, data.num_classes - 1, min(data.num_classes, 10)).round().long()
         labels = classes.repeat_interleave(10).to(next(net.parameters()).device)
         save_grid(generate(net, labels, args, seed=args.seed), os.path.join(args.out, f"samples_{step:07d}.png"),
                   ncol=10, latent=data.latent)
-        return (time.time() - start) / len(labels)
-    return on_rank0(save, rank, world)
+    on_rank0(save, rank, world)
 
 
-def sample_and_judge(net, n, step, shape, args, rank, world, data=None, chunk=500):
-    """n samples (labels 0, 1, ..., 0, 1, ...) as samples_<tag>.npz (uint8 NHWC images, or latents, and labels)
-    and a grid of the first 100, judged with --classifier (eval_<tag>.json). The processes share the work:
-    process i % world makes chunk i, from noise seeded by its position, so that the samples do not depend on
-    the number of processes. Returns the .npz's path and the scores."""
-    labels, mine, start = torch.arange(n) % shape["num_classes"], {}, time.time()
-    for i in range(rank * chunk, n, world * chunk):
-        if rank == 0:
-            print(f"sampling images {i + 1} to {min(i + chunk, n)} of {n}", flush=True)
-        x = generate(net, labels[i:i + chunk].to(next(net.parameters()).device), args, args.seed + 1 + i, rank == 0)
-        mine[i] = x.cpu() if shape["latent"] else to_uint8(x).cpu()
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, mine)
-        mine = {i: x for part in everyone for i, x in part.items()}
-    samples, seconds = torch.cat([mine[i] for i in sorted(mine)]), time.time() - start
-    tag = f"{step:07d}_n{n}_cfg{args.cfg_scale:g}_{args.sampler}{args.sample_steps}"
-    path = os.path.join(args.out, f"samples_{tag}")
-
-    def save_and_judge():
-        arrays = dict(latents=samples.numpy()) if shape["latent"] else dict(images=samples.permute(0, 2, 3, 1).numpy())
-        np.savez(path + ".npz", labels=labels.numpy(), **arrays)
-        save_grid(samples[:100], path + ".png", ncol=min(10, n), latent=shape["latent"])
-        print(f"{n} samples in {seconds:.0f} s: {path}.npz and .png", flush=True)
-        if not args.classifier:
-            return dict(npz=path + ".npz")
-        data_ = data or load_data(args, 0, 1, torch.device("cpu"))    # the reference: the training images
-        return dict(npz=path + ".npz", **evaluate(samples, labels, seconds, data_, args, f"eval_{tag}.json"))
-    return on_rank0(save_and_judge, rank, world)
-
-
-def sample_from_run(args, ckpt, rank, world, device):
-    """--sample N: N samples from the EMA weights of a finished run (labels 0, 1, ..., 0, 1, ...) in an .npz
-    and a grid of the first 100, judged too with --classifier; no training. Each process makes its share."""
-    _, ema, _, step, _ = build_run(args, ckpt, ckpt["data"], device)
-    net = sampling_network(ema, args)
-    return dict(step=step, out=args.out, **sample_and_judge(net, args.sample, step, ckpt["data"], args, rank, world))
-
-
-def to_uint8(x):
-    """Pixels in [-1, 1] -> uint8 0..255."""
+def to_uint8(x):  # pixels in [-1, 1] -> uint8 0..255
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -612,13 +549,12 @@ def save_grid(x, path, ncol, latent=False):
 def plot_loss(log_path, png_path, width=640, height=360):
     """Loss against step on a log scale: the interval means in grey, a smoothed curve in blue."""
     with open(log_path, newline="") as f:
-        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
-    rows = [(s, l) for s, l in rows if math.isfinite(l) and l > 0]
+        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if 0 < float(r["loss"]) < math.inf]
     if len(rows) < 2:
         return
     steps, losses = zip(*rows)
     w = max(1, len(losses) // 25)  # trailing mean over 4% of the run
-    smooth = [sum(losses[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(losses))]
+    smooth = [sum(losses[max(0, i - w + 1):i + 1]) / min(w, i + 1) for i in range(len(losses))]
     left, right, top, bottom = 60, 20, 30, 40
     lo, hi = math.log10(min(losses)), math.log10(max(losses))
     hi = hi if hi > lo else lo + 1
@@ -659,9 +595,8 @@ def sampling_network(ema, args):
 
 
 class CompiledTrainStep(TrainStep):
-    """TrainStep with part 1 compiled and replayed as one CUDA graph; each batch is first copied into the
-    graph's fixed input tensors. Parts 2 and 3 stay eager: they are a handful of kernels, with the all-reduce
-    and the host's NaN check between them. The model's blocks must be compiled already (dig.compile_blocks)."""
+    """TrainStep with part 1 (its blocks compiled already) replayed as one CUDA graph that reads each batch from
+    fixed input tensors. Parts 2 and 3 stay eager: a few kernels, with the all-reduce and NaN check between."""
     def __init__(self, model, ema, opt, diffusion, grad_clip, world, example_batch):
         super().__init__(model, ema, opt, diffusion, grad_clip, world)
         self.static_batch = {k: v.clone() for k, v in example_batch.items()}
@@ -702,16 +637,14 @@ def processes(device_type):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.index else None)
     try:
         yield rank, world, device
-        # Leave together: only rank 0 writes the last files, and a process that tears down its connections
-        # while a peer is still at work has been seen to abort it (SIGABRT in the process-group shutdown).
+        # Leave together: a process that tears down its connections while a peer still works can abort it.
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def on_rank0(work, rank, world):
-    """work() on rank 0 while the others wait; its result on every process. If it fails, every process stops,
-    the others with an error that repeats what rank 0 said."""
+    """work() on rank 0 while the others wait; its result on every process. A failure stops them all."""
     result, error = None, None
     if rank == 0:
         try:
@@ -730,9 +663,8 @@ def on_rank0(work, rank, world):
 
 
 def agree(loss, grad_norm, time_used, signal_received):
-    """The step's one synchronisation: loss, gradient norm and the share of --minutes used as floats (means over
-    processes, so that all of them set the same learning rate and stop at the same step), and a stop signal any
-    process received (its number, 0 for none)."""
+    """The step's one synchronisation: loss, gradient norm and the share of --minutes used (means over processes,
+    so that all set the same learning rate and stop at the same step), and any process's stop signal (0: none)."""
     flags = [time_used, signal_received == signal.SIGINT, signal_received == signal.SIGTERM]
     stats = torch.cat([loss.detach().float().view(1), grad_norm.float().view(1),
                        torch.tensor(flags, dtype=torch.float32).to(loss.device, non_blocking=True)])
@@ -745,9 +677,8 @@ def agree(loss, grad_norm, time_used, signal_received):
 
 
 class StopRequests:
-    """Ctrl-C (SIGINT) and SIGTERM (what a cluster scheduler sends before it kills a job) only note the signal;
-    the loop looks at it between steps, writes a checkpoint and stops, and the process exits with status 128 +
-    the signal's number, as if the signal had ended it. A second signal of the same kind acts at once."""
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's warning before it kills a job) only note the signal; the loop
+    then writes a checkpoint, stops, and exits with status 128 + its number. A second signal acts at once."""
     def __enter__(self):
         self.signal = None
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -762,20 +693,13 @@ class StopRequests:
             signal.signal(s, handler)
 
 
-def fmt_time(seconds):
-    s = int(seconds)
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 class Progress:
-    """The run's clock and log. Time counts across resumes, against the --minutes budget. Each logging interval's
-    mean loss and speed are printed and appended to log.csv (rank 0); time spent on checkpoints and samples is
-    left out of the speed. "left" includes the final sampling, at the rate the last sample grid took."""
+    """The run's clock (across resumes, against --minutes) and log: each interval's mean loss and speed (without
+    the time of checkpoints and samples), printed and appended to log.csv by rank 0."""
     def __init__(self, args, step, elapsed, rank):
         self.args, self.path, self.enabled = args, os.path.join(args.out, "log.csv"), rank == 0
         self.start, self.budget = time.time() - elapsed, math.inf if args.minutes is None else args.minutes * 60
-        self.final_images = 100 + (10 * args.eval_per_class if args.classifier else 0)
-        self.losses, self.step, self.time, self.seconds_per_image = [], step, time.time(), 0.0
+        self.losses, self.step, self.time = [], step, time.time()
         if self.enabled:   # a new log, or the old one without rows a crashed run wrote after its last checkpoint
             rows = [["step", "loss", "lr", "images_per_s", "elapsed_s"]]
             if step > 0 and os.path.exists(self.path):
@@ -789,8 +713,7 @@ class Progress:
 
     def time_used(self, elapsed=None):
         """The share of --minutes used (after `elapsed` seconds, or now); a budget of 0 is used up at once."""
-        elapsed = self.elapsed() if elapsed is None else elapsed
-        return elapsed / self.budget if self.budget > 0 else math.inf
+        return (self.elapsed() if elapsed is None else elapsed) / self.budget if self.budget > 0 else math.inf
 
     def progress(self, step, time_used):
         """The share of the budget done: of --steps after `step` steps or of --minutes, whichever is further."""
@@ -799,9 +722,6 @@ class Progress:
     def say(self, text):
         if self.enabled:
             print(text, flush=True)
-
-    def add(self, loss):
-        self.losses.append(loss)
 
     @contextlib.contextmanager
     def paused(self):
@@ -814,131 +734,17 @@ class Progress:
         sec_per_step = (now - self.time) / (step - self.step)
         steps_left = self.args.steps - step if self.args.steps else math.inf
         left = min(self.budget - self.elapsed(), steps_left * sec_per_step)
-        sampling = self.final_images * self.seconds_per_image
         loss, speed = sum(self.losses) / len(self.losses), self.args.batch_size / sec_per_step
         self.say(f"step {step}{f'/{self.args.steps}' if self.args.steps else ''} | loss {loss:.4f} | {speed:.0f} "
-                 f"img/s | elapsed {fmt_time(self.elapsed())} | left {fmt_time(max(0, left) + sampling)}"
-                 + (f" (with {fmt_time(sampling)} of final sampling)" if sampling >= 1 else ""))
+                 f"img/s | elapsed {self.elapsed() / 60:.1f} min | left {max(0, left) / 60:.1f} min")
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(f"{step},{loss:.6f},{lr:.3e},{speed:.1f},{self.elapsed():.1f}\n")
         self.losses, self.step, self.time = [], step, now
 
 
-# -----------------------------------------------------------------------------------------------------------
-# 10. The judge: a CIFAR-10 ResNet-56 (He et al. 2015) with "option A" shortcuts (subsample by 2 and pad the new
-# channels with zeros: no weights), named as the public pretrained weights (akamaster). It scores samples twice:
-# does it see the class they were asked for, and how far are its 64 pooled features of the samples, as a
-# Gaussian, from those of the training images (FID's Frechet distance, with it in place of Inception)?
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-        self.stride, self.extra = stride, cout - cin
-
-    def forward(self, x):
-        shortcut = F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.extra // 2, self.extra // 2))
-        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + shortcut)
-
-
-class ResNet56(nn.Module):
-    def __init__(self, blocks_per_stage=9, num_classes=10):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
-        stage = lambda cin, cout, stride: nn.Sequential(
-            BasicBlock(cin, cout, stride), *[BasicBlock(cout, cout, 1) for _ in range(blocks_per_stage - 1)])
-        self.layer1, self.layer2, self.layer3 = stage(16, 16, 1), stage(16, 32, 2), stage(32, 64, 2)
-        self.linear = nn.Linear(64, num_classes)
-
-    def forward(self, x):  # x: RGB in [0, 1], [N, 3, 32, 32]
-        return self.linear(self.features(x))
-
-    def features(self, x):  # the 64 globally average-pooled features that the final Linear reads
-        mean, std = x.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), x.new_tensor([0.229, 0.224, 0.225])
-        x = F.relu(self.bn1(self.conv1((x - mean) / std.view(1, 3, 1, 1))))
-        return self.layer3(self.layer2(self.layer1(x))).mean(dim=(2, 3))
-
-
-def load_classifier(path, device):
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd)   # the published file wraps the weights; a bare state_dict works too
-        net = ResNet56()
-        missing, unexpected = net.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()},
-                                                  strict=False)  # the file has no BatchNorm step counters
-        if unexpected or not all(k.endswith("num_batches_tracked") for k in missing):
-            raise ValueError(f"not a CIFAR-10 ResNet-56: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    except Exception as e:
-        raise SystemExit(f"error: cannot load the ResNet-56 classifier from {path}: {type(e).__name__}: {e}")
-    return net.to(device).eval()
-
-
-@torch.no_grad()
-def pooled_features(classifier, images, chunk=500):
-    """The classifier's 64 pooled features of uint8 images [N, 3, 32, 32]: float32 [N, 64] on the CPU."""
-    device = next(classifier.parameters()).device
-    return torch.cat([classifier.features(images[i:i + chunk].to(device).float() / 255).cpu()
-                      for i in range(0, len(images), chunk)])
-
-
-def gaussian_stats(features):
-    """Mean and covariance (float64, numpy) of features [N, 64]."""
-    features = features.double().numpy()
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def frechet_distance(mu1, cov1, mu2, cov2):
-    """The Frechet (2-Wasserstein) distance between Gaussians N(mu1, cov1) and N(mu2, cov2), as in FID:
-    |mu1 - mu2|^2 + Tr(cov1) + Tr(cov2) - 2 Tr((cov1^1/2 cov2 cov1^1/2)^1/2), in float64.
-
-    The last trace is the sum of the singular values of cov1^1/2 cov2^1/2 (their squares are the eigenvalues of
-    cov1^1/2 cov2 cov1^1/2), symmetric in the two Gaussians by construction. Each root comes from a symmetric
-    eigendecomposition with negative eigenvalues (rounding) clipped to 0. Rounding can also take nearly equal
-    Gaussians just below 0; a distance is never negative, so the result is clipped there too."""
-    def root(cov):
-        w, v = np.linalg.eigh(np.asarray(cov, dtype=np.float64))
-        return (v * np.sqrt(w.clip(min=0))) @ v.T
-    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
-    trace_root = np.linalg.svd(root(cov1) @ root(cov2), compute_uv=False).sum()
-    return max(0.0, float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * trace_root))
-
-
-def judge(classifier, images, labels, reference_stats):
-    """How the ResNet-56 sees uint8 samples [N,3,32,32] asked for `labels`: the fraction put in the class they
-    were asked for (overall, and per class), and the Frechet distance between its pooled features of the
-    samples and reference_stats (of the training images). Like FID with this classifier instead of Inception:
-    0 for sets it sees alike; comparable only between equal numbers of samples (fewer give larger distances)."""
-    features = pooled_features(classifier, images)   # one pass of the network serves both scores
-    preds = classifier.linear(features.to(next(classifier.parameters()).device)).argmax(dim=1).cpu()
-    per_class = [((preds == labels) & (labels == c)).sum().item() / max(1, (labels == c).sum().item())
-                 for c in range(10)]
-    fd = frechet_distance(*gaussian_stats(features), *reference_stats)
-    return (preds == labels).float().mean().item(), per_class, fd
-
-
-def evaluate(samples, labels, seconds, data, args, out_name):
-    """Judge samples with --classifier against the training images: print, write out_name, return the scores."""
-    if data.latent or tuple(samples.shape[1:]) != (3, 32, 32):
-        raise SystemExit("error: --classifier judges CIFAR-10 pixel samples only")
-    classifier = load_classifier(args.classifier, data.x.device)
-    print(f"judging {len(samples)} samples with the ResNet-56 (and the {len(data.x)} training images)", flush=True)
-    acc, per_class, fd = judge(classifier, samples, labels, gaussian_stats(pooled_features(classifier, data.x)))
-    print(f"ResNet-56 finds the requested class in {100 * acc:.1f}% of {len(labels)} EMA samples (cfg "
-          f"{args.cfg_scale}, {args.sample_steps} {args.sampler} steps); Frechet distance of its features to "
-          f"the training images' {fd:.2f}; per class (%): " + " ".join(f"{100 * a:.0f}" for a in per_class))
-    result = dict(accuracy=acc, per_class=per_class, frechet_distance=fd, samples=len(labels),
-                  sampling_seconds=round(seconds, 1), cfg_scale=args.cfg_scale, sample_steps=args.sample_steps,
-                  sampler=args.sampler)
-    with open(os.path.join(args.out, out_name), "w") as f:
-        json.dump(result, f, indent=1)
-    return result
-
-
 if __name__ == "__main__":
     stopped = main().get("stopped")
-    # Everything is written and the process group is gone. Leave without the interpreter's teardown: under
-    # torchrun with gloo, tensors its worker threads still hold can abort it there (SIGABRT, a PyTorch issue).
+    # All is written. Skip the interpreter's teardown: under torchrun with gloo, it can abort (SIGABRT).
     sys.stdout.flush()
     os._exit(128 + stopped if stopped else 0)

@@ -15,7 +15,6 @@ warm-up differs from train_tiny's, decay_c(step) = min(ema, (1 + step) / (c + st
 """
 
 import argparse
-import contextlib
 import glob
 import json
 import os
@@ -27,21 +26,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_tiny  # noqa: E402
+from results.judge import run_network, sample_and_judge  # noqa: E402
 
 
-@contextlib.contextmanager
-def run_network(run, *flags):
-    """(args, EMA network, the network the sampler calls, step, data shape, rank, world) of a finished run, as
-    train_tiny.py --resume RUN --sample N makes them; flags override the run's settings."""
-    args, ckpt = train_tiny.parse_args(["--resume", run, *flags])
-    with train_tiny.processes(args.device) as (rank, world, device):
-        train_tiny.settle_args(args, ckpt, world)
-        _, ema, _, step, _ = train_tiny.build_run(args, ckpt, ckpt["data"], device)
-        yield args, ema, train_tiny.sampling_network(ema, args), step, ckpt["data"], rank, world
-
-
-def train_variant(out, argv, ema_warmups, eval_per_class):
-    """One run of train_tiny.main with extra EMAs tracked beside its own; then each extra EMA judged."""
+def train_variant(out, argv, ema_warmups, eval_per_class, classifier):
+    """One run of train_tiny.main with extra EMAs tracked beside its own; then every EMA judged."""
     extra, steps = {}, [0]
     main_update = train_tiny.update_ema
 
@@ -55,16 +44,17 @@ def train_variant(out, argv, ema_warmups, eval_per_class):
     train_tiny.update_ema = update_ema
     args, _ = train_tiny.parse_args(argv)
     train_tiny.settle_args(args, None, 1)
-    result = train_tiny.main(argv)
-    results = {10: {k: result[k] for k in ("accuracy", "frechet_distance")}}
-    # the extra EMAs, judged with the same code: their weights copied into the run's EMA network
-    with run_network(out, "--sample", str(10 * eval_per_class)) as (args, ema, net, step, shape, rank, world):
-        for c, params in extra.items():
-            with torch.no_grad():
-                torch._foreach_copy_(list(ema.parameters()), params)
-            args.out = os.path.join(out, f"ema_warmup{c}")
-            os.makedirs(args.out, exist_ok=True)
-            scores = train_tiny.sample_and_judge(net, 10 * eval_per_class, step, shape, args, rank, world)
+    train_tiny.main(argv)
+    results = {}
+    # train_tiny's own EMA (c = 10), then the extra ones, their weights copied into the run's EMA network
+    with run_network(out) as (args, ema, net, step, shape, rank, world):
+        for c, params in [(10, None), *extra.items()]:
+            if params is not None:
+                with torch.no_grad():
+                    torch._foreach_copy_(list(ema.parameters()), params)
+                args.out = os.path.join(out, f"ema_warmup{c}")
+                os.makedirs(args.out, exist_ok=True)
+            scores = sample_and_judge(net, 10 * eval_per_class, step, shape, args, rank, world, classifier)
             results[c] = {k: scores[k] for k in ("accuracy", "frechet_distance")}
     with open(os.path.join(out, "ablation.json"), "w") as f:
         json.dump(dict(argv=argv, step=step, cfg_scale=args.cfg_scale, sample_steps=args.sample_steps,
@@ -80,11 +70,10 @@ def train(opts):
         while pending and len(running) < opts.parallel:
             name, flags = pending.pop(0).split("=", 1)
             out = os.path.join(opts.out, name)
-            argv = ["--steps", str(opts.steps), "--data-dir", opts.data_dir, "--classifier", opts.classifier,
-                    "--eval-per-class", str(opts.eval_per_class), "--sample-every", "0", "--out", out,
+            argv = ["--steps", str(opts.steps), "--data-dir", opts.data_dir, "--sample-every", "0", "--out", out,
                     *flags.split()]
             cmd = [sys.executable, __file__, "one", out, json.dumps(argv), *map(str, opts.ema_warmups),
-                   "--eval-per-class", str(opts.eval_per_class)]
+                   "--eval-per-class", str(opts.eval_per_class), "--classifier", opts.classifier]
             log = open(os.path.join(opts.out, f"{name}.txt"), "w")
             running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time()))
             print(f"started {name}: train_tiny.py {' '.join(argv)}", flush=True)
@@ -98,14 +87,13 @@ def train(opts):
 def guidance(opts):
     """One run's EMA network judged at every guidance scale and number of sampling steps asked for."""
     n = 10 * opts.eval_per_class
-    with run_network(opts.run, "--sample", str(n), "--classifier", opts.classifier) as (args, _, net, step, shape,
-                                                                                         rank, world):
+    with run_network(opts.run) as (args, _, net, step, shape, rank, world):
         args.out = os.path.join(opts.run, "guidance")
         os.makedirs(args.out, exist_ok=True)
         for steps in opts.sample_steps:
             for cfg in opts.cfg:
                 args.cfg_scale, args.sample_steps = cfg, steps
-                train_tiny.sample_and_judge(net, n, step, shape, args, rank, world)
+                sample_and_judge(net, n, step, shape, args, rank, world, opts.classifier)
 
 
 def table(opts):
@@ -145,6 +133,7 @@ if __name__ == "__main__":
     o.add_argument("argv")
     o.add_argument("ema_warmups", type=int, nargs="*")
     o.add_argument("--eval-per-class", type=int, default=200)
+    o.add_argument("--classifier", required=True)
     g = sub.add_parser("guidance")
     g.add_argument("run")
     g.add_argument("--classifier", required=True)
@@ -155,6 +144,6 @@ if __name__ == "__main__":
     s.add_argument("folder")
     opts = p.parse_args()
     if opts.what == "one":
-        train_variant(opts.out, json.loads(opts.argv), opts.ema_warmups, opts.eval_per_class)
+        train_variant(opts.out, json.loads(opts.argv), opts.ema_warmups, opts.eval_per_class, opts.classifier)
     else:
         dict(train=train, guidance=guidance, table=table)[opts.what](opts)

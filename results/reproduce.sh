@@ -53,8 +53,9 @@ train() {
     local out=runs/$name-${MINUTES}min
     rm -rf "$out"
     # shellcheck disable=SC2086
-    run_part "train_$name.txt" python3 train_tiny.py --model "$model" --data-dir data --minutes "$MINUTES" \
-        --classifier "$RESNET56" --eval-per-class 200 --out "$out" ${TRAIN_FLAGS:-}
+    { header train_tiny.py --model "$model" --minutes "$MINUTES" ${TRAIN_FLAGS:-} "&& results/judge.py --samples 2000"
+      python3 train_tiny.py --model "$model" --data-dir data --minutes "$MINUTES" --out "$out" ${TRAIN_FLAGS:-} 2>&1
+      python3 results/judge.py "$out" --classifier "$RESNET56" --samples 2000 2>&1; } | tee "$RESULTS/train_$name.txt"
     cp "$out/log.csv" "$RESULTS/train_$name.csv"
     cp "$out"/eval_*.json "$RESULTS/train_$name.eval.json"
     cp "$(ls "$out"/samples_???????.png | tail -n 1)" "$RESULTS/train_${name}_samples.png"
