@@ -303,46 +303,32 @@ def _fwd_kernel(q, k, v, g, o, start_states, end_states, stride_q, stride_k, str
 
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS)
-def _bwd_kernel(q, k, v, g, do, start_states, end_states, d_end_states, d_start_states, dq, dk, dv, dg_q, dg_k,
-                qdq_sums, stride_q, stride_k, stride_v, stride_g, stride_do, T, seg_len, slots, H, scale,
-                factor_limit, has_start, has_d_end, store_d_start, K: tl.constexpr, V: tl.constexpr,
-                SUB: tl.constexpr, PRECISION: tl.constexpr):
-    """dq, dk, dv and two parts of dg of one segment, given the states before and after it (start_states,
-    end_states) and the gradient of the state after it (d_end_states). Grid (segments, B * H, 2): the third
-    index picks one of two walks, which run side by side. One pass: the segment is the whole sequence,
-    start_states the initial state, d_end_states the final state's gradient, and d_start_states receives the
-    initial state's gradient.
+def _bwd_kernel(q, k, v, g, do, start_states, d_end_states, d_start_states, dq, dk, dv, dg, dg_partial, stride_q,
+                stride_k, stride_v, stride_g, stride_do, T, seg_len, slots, H, scale, factor_limit, has_start,
+                has_d_end, store_d_start, K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """dq, dk, dv, dg of one segment, given the state before it (start_states) and the gradient of the state
+    after it (d_end_states). Grid (segments, B * H). One pass: the segment is the whole sequence, start_states
+    the initial state, d_end_states the final state's gradient, and d_start_states receives the initial
+    state's gradient.
 
-    Walk 0, forward over the sub-chunks (carrying the state), gives dq; walk 1, backward (carrying the state's
-    gradient), gives dk and dv. dg_t = sum over tokens t' >= t of (q*dq - k*dk)_t', split as
+    A forward walk over the sub-chunks (carrying the state) gives dq; a backward walk (carrying the state's
+    gradient) gives dk and dv. dg_t = sum over tokens t' >= t of (q*dq - k*dk)_t', split as
     [everything after this segment] + [sum over the segment of q*dq] - [q*dq before t] - [k*dk from t on].
-    The first term is sum_v(S_end * dS_end). Walk 0 writes -[q*dq before t] to dg_q and the segment's sum to
-    qdq_sums, walk 1 the rest to dg_k (all float32); the caller adds them up.
+    The first term is sum_v(S_end * dS_end); the forward walk leaves -[q*dq before t] in dg_partial (float32
+    scratch) for the backward walk to finish.
     """
-    n, i_bh, walk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, i_bh = tl.program_id(0), tl.program_id(1)
     b, head = i_bh // H, i_bh % H
     rk, rv, i = tl.arange(0, K), tl.arange(0, V), tl.arange(0, SUB)
     causal = i[:, None] >= i[None, :]
     steps = tl.cdiv(seg_len, SUB)
-    if walk == 0:
-        _bwd_dq_walk(q, k, v, g, do, start_states, dq, dg_q, qdq_sums, stride_q, stride_k, stride_v, stride_g,
-                     stride_do, T, seg_len, slots, H, scale, factor_limit, has_start, n, i_bh, b, head, rk, rv, i,
-                     causal, steps, K, V, SUB, PRECISION)
-    else:
-        _bwd_dkv_walk(q, k, v, g, do, end_states, d_end_states, d_start_states, dk, dv, dg_k, stride_q, stride_k,
-                      stride_v, stride_g, stride_do, T, seg_len, slots, H, scale, factor_limit, has_d_end,
-                      store_d_start, n, i_bh, b, head, rk, rv, i, causal, steps, K, V, SUB, PRECISION)
-
-
-@triton.jit
-def _bwd_dq_walk(q, k, v, g, do, start_states, dq, dg_q, qdq_sums, stride_q, stride_k, stride_v, stride_g,
-                 stride_do, T, seg_len, slots, H, scale, factor_limit, has_start, n, i_bh, b, head, rk, rv, i,
-                 causal, steps, K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr, PRECISION: tl.constexpr):
-    # dq_i = scale * (exp(G_i) * (do_i @ S^T) + sum_{j<=i} (do_i . v_j) k_j exp(G_i - G_j)).
     if has_start:
         S = tl.load(_state_slot(start_states, i_bh, n, slots, K, V))               # [K, V]
     else:
         S = tl.zeros([K, V], dtype=tl.float32)
+
+    # Forward walk: dq_i = scale * (exp(G_i) * (do_i @ S^T) + sum_{j<=i} (do_i . v_j) k_j exp(G_i - G_j)).
     qdq_before = tl.zeros([K], dtype=tl.float32)
     t = n * seg_len + i
     q_tile, k_tile, g_tile, vs = _load_sub_chunk(q, k, g, v, stride_q, stride_k, stride_g, stride_v, b, head, t,
@@ -363,36 +349,34 @@ def _bwd_dq_walk(q, k, v, g, do, start_states, dq, dg_q, qdq_sums, stride_q, str
         dqs = scale * (dq_inter + dq_intra)                                    # [SUB, K]
         _store_tile(dq, dqs, H * K, b, head, t, rk, T, K)
         qdq = qs * dqs
-        _store_tile(dg_q, -(qdq_before[None, :] + tl.cumsum(qdq, axis=0) - qdq), H * K, b, head, t, rk, T, K)
+        qdq_before_t = qdq_before[None, :] + tl.cumsum(qdq, axis=0) - qdq
+        _store_tile(dg_partial, -qdq_before_t, H * K, b, head, t, rk, T, K)
         qdq_before += tl.sum(qdq, axis=0)
         S = _advance_state(S, ks, vs, G, G_last, PRECISION)
         q_tile, k_tile, g_tile, vs, dos, t = q_next, k_next, g_next, v_next, do_next, t_next
-    tl.store(qdq_sums + (i_bh * slots + n) * K + rk, qdq_before)
 
-
-@triton.jit
-def _bwd_dkv_walk(q, k, v, g, do, end_states, d_end_states, d_start_states, dk, dv, dg_k, stride_q, stride_k,
-                  stride_v, stride_g, stride_do, T, seg_len, slots, H, scale, factor_limit, has_d_end, store_d_start,
-                  n, i_bh, b, head, rk, rv, i, causal, steps, K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    # dk_j = exp(G_last - G_j) * (v_j @ dS^T) + scale * sum_{i>=j} (do_i . v_j) q_i exp(G_i - G_j),
-    # dv_j = (k_j * exp(G_last - G_j)) @ dS + sum_{i>=j} A_ij do_i.
+    # S is now the state after the segment.
     if has_d_end:
         dS = tl.load(_state_slot(d_end_states, i_bh, n, slots, K, V))              # [K, V]
-        dg_carry = tl.sum(tl.load(_state_slot(end_states, i_bh, n, slots, K, V)) * dS, axis=1)
     else:
         dS = tl.zeros([K, V], dtype=tl.float32)
-        dg_carry = tl.zeros([K], dtype=tl.float32)
+    dg_carry = tl.sum(S * dS, axis=1) + qdq_before
+    tl.debug_barrier()   # the backward walk reads back what other threads of this program wrote to dg_partial
+
+    # Backward walk: dk_j = exp(G_last - G_j) * (v_j @ dS^T) + scale * sum_{i>=j} (do_i . v_j) q_i exp(G_i - G_j),
+    #                dv_j = (k_j * exp(G_last - G_j)) @ dS + sum_{i>=j} A_ij do_i.
     kdk_after = tl.zeros([K], dtype=tl.float32)
     t = n * seg_len + (steps - 1) * SUB + i
     q_tile, k_tile, g_tile, vs = _load_sub_chunk(q, k, g, v, stride_q, stride_k, stride_g, stride_v, b, head, t,
                                                  T, K, V)
     dos = _load_tile(do, stride_do, b, head, t, rv, T, V)
+    dg_part = _load_tile(dg_partial, H * K, b, head, t, rk, T, K)
     for s_rev in range(0, steps):
         t_next = _previous_rows(t, n * seg_len, T, SUB)
         q_next, k_next, g_next, v_next = _load_sub_chunk(q, k, g, v, stride_q, stride_k, stride_g, stride_v, b,
                                                          head, t_next, T, K, V)
         do_next = _load_tile(do, stride_do, b, head, t_next, rv, T, V)
+        dg_part_next = _load_tile(dg_partial, H * K, b, head, t_next, rk, T, K)
         qs, ks, G, G_last = _in_float32(q_tile, k_tile, g_tile)
         dA = tl.where(causal, tl.dot(dos, tl.trans(vs), input_precision=PRECISION), 0.0)
         q_decayed = qs * tl.exp(G) * scale
@@ -407,13 +391,14 @@ def _bwd_dkv_walk(q, k, v, g, do, end_states, d_end_states, d_start_states, dk, 
         dvs += tl.dot(tl.trans(A.to(dos.dtype)), dos, input_precision=PRECISION)
         kdk = ks * dks
         kdk_from_t = kdk_after[None, :] + tl.sum(kdk, axis=0)[None, :] - tl.cumsum(kdk, axis=0) + kdk
+        dgs = dg_carry[None, :] + dg_part - kdk_from_t
         _store_tile(dk, dks, H * K, b, head, t, rk, T, K)
         _store_tile(dv, dvs, H * V, b, head, t, rv, T, V)
-        _store_tile(dg_k, dg_carry[None, :] - kdk_from_t, H * K, b, head, t, rk, T, K)
+        _store_tile(dg, dgs, H * K, b, head, t, rk, T, K)
         kdk_after += tl.sum(kdk, axis=0)
         dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_decayed.to(dos.dtype)), dos,
                                                    input_precision=PRECISION)
-        q_tile, k_tile, g_tile, vs, dos, t = q_next, k_next, g_next, v_next, do_next, t_next
+        q_tile, k_tile, g_tile, vs, dos, dg_part, t = q_next, k_next, g_next, v_next, do_next, dg_part_next, t_next
     if store_d_start:
         tl.store(_state_slot(d_start_states, i_bh, n, slots, K, V), dS)
 
@@ -606,48 +591,36 @@ def _gla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
 
 def _gla_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                   initial_state: Optional[torch.Tensor], states: torch.Tensor, do: torch.Tensor,
-                  d_final_state: Optional[torch.Tensor], scale: float) -> Tuple[(torch.Tensor,) * 7]:
-    """dq, dk, dv (dtypes of the inputs); dg in three float32 parts, dg_q + dg_k [B, T, H, K] and qdq_sums
-    [B, H, segments, K] (each token's segment's sum; _add_up_dg adds them); the initial state's gradient
-    [B, H, K, V] (float32)."""
+                  d_final_state: Optional[torch.Tensor],
+                  scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, dg (dtypes of the inputs) and the gradient of the initial state [B, H, K, V] (float32)."""
     (q, stride_q), (k, stride_k), (v, stride_v), (g, stride_g) = _rows(q), _rows(k), _rows(v), _rows(g)
     do, stride_do = _rows(do)
     B, T, H, K = q.shape
     V = v.shape[-1]
     # A gradient made by broadcasting (e.g. from .sum()) has stride 0; the kernels read dense rows.
     d_final = d_final_state.float().contiguous() if d_final_state is not None else None   # [B, H, K, V]
-    dq, dk, dv = q.new_empty(B, T, H, K), k.new_empty(B, T, H, K), v.new_empty(B, T, H, V)
-    dg_q, dg_k = (torch.empty(B, T, H, K, device=g.device, dtype=torch.float32) for _ in range(2))
-    qdq_sums = torch.empty(B, H, states.shape[2], K, device=g.device, dtype=torch.float32)
-    launch = dict(q=q, k=k, v=v, g=g, do=do, dq=dq, dk=dk, dv=dv, dg_q=dg_q, dg_k=dg_k, qdq_sums=qdq_sums,
-                  stride_q=stride_q, stride_k=stride_k, stride_v=stride_v, stride_g=stride_g, stride_do=stride_do,
-                  T=T, H=H, scale=scale, factor_limit=FACTOR_LIMIT, K=K, V=V, SUB=SUB,
-                  PRECISION=_precision(q.dtype), num_warps=_warps(K, V))
-    if _one_pass(T):     # states: the final state, the state after the one segment
+    dq, dk, dg = q.new_empty(B, T, H, K), k.new_empty(B, T, H, K), g.new_empty(B, T, H, K)
+    dv = v.new_empty(B, T, H, V)
+    dg_partial = torch.empty(B, T, H, K, device=g.device, dtype=torch.float32)   # the kernel's scratch
+    launch = dict(q=q, k=k, v=v, g=g, do=do, dq=dq, dk=dk, dv=dv, dg=dg, dg_partial=dg_partial, stride_q=stride_q,
+                  stride_k=stride_k, stride_v=stride_v, stride_g=stride_g, stride_do=stride_do, T=T, H=H,
+                  scale=scale, factor_limit=FACTOR_LIMIT, K=K, V=V, SUB=SUB, PRECISION=_precision(q.dtype),
+                  num_warps=_warps(K, V))
+    if _one_pass(T):
         initial = initial_state.float().contiguous() if initial_state is not None else None
         d_initial = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
-        _bwd_kernel[(1, B * H, 2)](start_states=_or(initial, d_initial), end_states=states,
-                                   d_end_states=_or(d_final, d_initial), d_start_states=d_initial, seg_len=T,
-                                   slots=1, has_start=initial is not None, has_d_end=d_final is not None,
-                                   store_d_start=True, **launch)
-        return dq, dk, dv, dg_q, dg_k, qdq_sums, d_initial
-    # d_states[:, :, n]: the gradient of the state before chunk n (slot 0 is the initial state's). Views from
-    # slot 1 on hold what comes after chunk n at slot n.
+        _bwd_kernel[(1, B * H)](start_states=_or(initial, d_initial), d_end_states=_or(d_final, d_initial),
+                                d_start_states=d_initial, seg_len=T, slots=1, has_start=initial is not None,
+                                has_d_end=d_final is not None, store_d_start=True, **launch)
+        return dq, dk, dv, dg, d_initial
+    # d_states[:, :, n]: the gradient of the state before chunk n (slot 0 is the initial state's).
     d_states = _boundary_states(q, stride_q, do, stride_do, g, stride_g, d_final, scale, reverse=True)
     slots = states.shape[2]
-    _bwd_kernel[(slots - 1, B * H, 2)](start_states=states, end_states=states[:, :, 1:],
-                                       d_end_states=d_states[:, :, 1:], d_start_states=d_states, seg_len=CHUNK,
-                                       slots=slots, has_start=True, has_d_end=True, store_d_start=False, **launch)
-    return dq, dk, dv, dg_q, dg_k, qdq_sums[:, :, :-1], d_states[:, :, 0].clone()
-
-
-def _add_up_dg(dg_q, dg_k, qdq_sums, dtype):
-    """dg from the backward's three parts: each token gets its segment's sum of q*dq (qdq_sums [B, H,
-    segments, K]; the segments are CHUNK tokens long, or the whole sequence when there is one)."""
-    B, T, H, K = dg_q.shape
-    seg_len = T if qdq_sums.shape[2] == 1 else CHUNK
-    per_token = qdq_sums.transpose(1, 2).repeat_interleave(seg_len, dim=1)[:, :T]    # [B, T, H, K]
-    return (dg_q + dg_k + per_token).to(dtype)
+    _bwd_kernel[(slots - 1, B * H)](start_states=states, d_end_states=d_states[:, :, 1:], d_start_states=d_states,
+                                    seg_len=CHUNK, slots=slots, has_start=True, has_d_end=True,
+                                    store_d_start=False, **launch)
+    return dq, dk, dv, dg, d_states[:, :, 0].clone()
 
 
 gla_forward_op = torch.library.custom_op("dig::gla_forward", _gla_forward, mutates_args=())
@@ -665,10 +638,8 @@ def _(q, k, v, g, scale, initial_state):
 def _(q, k, v, g, initial_state, states, do, d_final_state, scale):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    segments = 1 if _one_pass(T) else triton.cdiv(T, CHUNK)
-    dg_part = lambda *shape: q.new_empty(*shape, dtype=torch.float32)
-    return (q.new_empty(B, T, H, K), k.new_empty(B, T, H, K), v.new_empty(B, T, H, V), dg_part(B, T, H, K),
-            dg_part(B, T, H, K), dg_part(B, H, segments, K), q.new_empty(B, H, K, V, dtype=torch.float32))
+    return (q.new_empty(B, T, H, K), k.new_empty(B, T, H, K), v.new_empty(B, T, H, V), g.new_empty(B, T, H, K),
+            q.new_empty(B, H, K, V, dtype=torch.float32))
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -684,9 +655,7 @@ def _gla_gradients(ctx, do, d_states, backward=torch.ops.dig.gla_backward):
     d_final_state = d_states[:, :, -1] if d_states is not None else None
     if do is None:      # only the final state was used
         do = v.new_zeros(*q.shape[:3], v.shape[-1])
-    dq, dk, dv, dg_q, dg_k, qdq_sums, d_initial = backward(q, k, v, g, initial_state, states, do, d_final_state,
-                                                           ctx.scale)
-    dg = _add_up_dg(dg_q, dg_k, qdq_sums, g.dtype)
+    dq, dk, dv, dg, d_initial = backward(q, k, v, g, initial_state, states, do, d_final_state, ctx.scale)
     return dq, dk, dv, dg, None, (d_initial if initial_state is not None else None)
 
 
