@@ -424,7 +424,7 @@ def load_latents(path):
             x, y = f["latents"], f["labels"]
         ok = (x.ndim == 4 and x.shape[2] == x.shape[3] and y.shape == (len(x),) and len(y) > 0
               and np.issubdtype(y.dtype, np.integer) and y.min() >= 0 and np.isfinite(x).all())
-        found = f"latents {x.shape}, labels {y.shape} {y.dtype}, finite: {np.isfinite(x).all()}"
+        found = f"latents {x.shape}, finite: {np.isfinite(x).all()}; labels {y.shape} {y.dtype} {y[:8].tolist()}"
     except Exception as e:
         found, ok = f"{type(e).__name__}: {e}", False
     if not ok:

@@ -145,6 +145,8 @@ def sample_and_judge(net, n, step, shape, args, rank, world, classifier=None, ch
     the scores."""
     labels, mine, start = torch.arange(n) % shape["num_classes"], {}, time.time()
     for i in range(rank * chunk, n, world * chunk):
+        if rank == 0:
+            print(f"sampling images {i + 1} to {min(i + chunk, n)} of {n}", flush=True)
         x = train_tiny.generate(net, labels[i:i + chunk].to(next(net.parameters()).device), args, args.seed + 1 + i,
                                 progress=rank == 0)
         mine[i] = x.cpu() if shape["latent"] else train_tiny.to_uint8(x).cpu()
