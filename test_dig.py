@@ -1222,9 +1222,8 @@ def test_samples_from_a_finished_run_and_the_judge_of_a_run(reference, cifar_dir
     scores = json.loads((tmp_path / "judged" / "eval_0000001_n20_cfg3_ddpm2.json").read_text())
     assert scores["samples"] == 20 and len(scores["per_class"]) == 10 and 0 <= scores["accuracy"] <= 1
     assert scores["frechet_distance"] == pytest.approx(result["frechet_distance"]) and scores["frechet_distance"] > 0
-    for argv, message in [(["--samples", "0"], "--samples: must be at least 1"),
-                          (["--classifier", str(tmp_path / "none.th")], "no such file"),
-                          (["--bogus"], "unrecognized arguments: --bogus")]:
+    for argv, message in [(["--samples", "0"], "--samples: must be at least 1"), (["--bogus"], "unrecognized"),
+                          (["--classifier", str(tmp_path / "none.th")], "no such file")]:
         with pytest.raises(SystemExit) as stop:
             judge.main([out, *argv])
         assert message in str(stop.value) + capsys.readouterr().err, argv
