@@ -1181,12 +1181,12 @@ def test_save_grid_shows_pixels_as_they_are_and_progress_reports_speed_and_time_
     # Progress prints the interval's mean loss, its speed, and the time left at that speed.
     log = train_tiny.Progress(train_tiny.argparse.Namespace(out=str(tmp_path), minutes=None, steps=100, batch_size=8),
                               0, 0.0, 0)
-    log.time -= 10                       # 10 s for 10 steps of 8 images: 90 steps left, 90 s
+    log.time -= 20                       # 20 s for 10 steps of 8 images: 4 images/s; 90 steps left, 180 s
     log.losses += [1.0, 2.0]
     log.report(10, 1e-3)
     printed = capsys.readouterr().out
-    assert "step 10/100 | loss 1.5000 | 8 img/s" in printed and "| left 1.5 min" in printed, printed
-    assert open(log.path).read().splitlines()[-1].startswith("10,1.500000,1.000e-03,8.0,")   # step,loss,lr,img/s
+    assert "step 10/100 | loss 1.5000 | 4 img/s" in printed and "| left 3.0 min" in printed, printed
+    assert open(log.path).read().splitlines()[-1].startswith("10,1.500000,1.000e-03,4.0,")   # step,loss,lr,img/s
 
 
 # =========================================================================================================
