@@ -997,6 +997,9 @@ def test_latents_run(tmp_path, device):
     assert Image.open(os.path.join(out, "samples_0000003.png")).size == (10 * 34 + 2, 5 * 34 + 2)
     with np.load(judge.main([out, "--samples", "7"])["npz"]) as f:
         assert f["latents"].shape == (7, 4, 8, 8) and np.isfinite(f["latents"]).all()
+    torch.save(judge.ResNet56().state_dict(), weights := str(tmp_path / "r56.th"))
+    with pytest.raises(SystemExit, match="pixel samples .* only; this run makes latents of 4 x 8 x 8"):
+        judge.main([out, "--samples", "7", "--classifier", weights])     # refused before any sampling
 
 
 def start_training(argv, code=None, script=None, processes=1):

@@ -143,6 +143,10 @@ def sample_and_judge(net, n, step, shape, args, rank, world, classifier=None, ch
     with the classifier's weights if given (eval_<tag>.json). Process i % world makes chunk i, from noise seeded
     by its position, so that the samples do not depend on the number of processes. Returns the .npz's path and
     the scores."""
+    if classifier and (shape["latent"] or (shape["in_channels"], shape["input_size"]) != (3, 32)):
+        raise SystemExit(f"error: the ResNet-56 judges CIFAR-10 pixel samples (3 x 32 x 32) only; this run makes "
+                         f"{'latents' if shape['latent'] else 'images'} of {shape['in_channels']} x "
+                         f"{shape['input_size']} x {shape['input_size']}")
     labels, mine, start = torch.arange(n) % shape["num_classes"], {}, time.time()
     for i in range(rank * chunk, n, world * chunk):
         if rank == 0:
@@ -165,8 +169,6 @@ def sample_and_judge(net, n, step, shape, args, rank, world, classifier=None, ch
         print(f"{n} samples in {seconds:.0f} s: {path}.npz and .png", flush=True)
         if not classifier:
             return dict(npz=path + ".npz")
-        if shape["latent"] or tuple(samples.shape[1:]) != (3, 32, 32):
-            raise SystemExit("error: the ResNet-56 judges CIFAR-10 pixel samples only")
         data = train_tiny.load_data(args, 0, 1, torch.device("cpu"))    # the reference: the training images
         return dict(npz=path + ".npz", **evaluate(samples, labels, seconds, data, args, classifier, f"eval_{tag}.json"))
     return train_tiny.on_rank0(save_and_judge, rank, world)
