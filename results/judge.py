@@ -200,8 +200,7 @@ def main(argv=None):
     opts, flags = p.parse_known_args(argv)
     if opts.classifier and not os.path.isfile(opts.classifier):
         raise SystemExit(f"error: --classifier {opts.classifier}: no such file")
-    with run_network(opts.run, *flags) as (args, _, net, step, shape, rank, world):
-        os.makedirs(args.out, exist_ok=True)
+    with run_network(opts.run, *flags) as (args, _, net, step, shape, rank, world):   # settle_args made args.out
         return sample_and_judge(net, opts.samples, step, shape, args, rank, world, opts.classifier)
 
 
