@@ -7,12 +7,10 @@ grows linearly with the number of image tokens instead of quadratically. A recur
 order, so DiG changes that order from block to block (row-major, reversed, column-major, reversed) and runs a
 3x3 depthwise convolution at the end of every block so that neighbouring patches always see each other.
 
-Read top to bottom: 1. conditioning and embeddings (shared with DiT)  2. the parts of a DiG block: adaLN-Zero,
-GLA token mixer, SwiGLU MLP, depthwise convolution  3. the scan order, and the DiG block  4. the model: the trunk
-DiG and DiT share, the final layer, DiG  5. the DiT baseline of the same size (softmax attention)  6. named
-configurations (DiG-S/2 ... DiT-XL/8)  7. Gaussian diffusion as in DiT / IDDPM: schedule, hybrid loss, timestep
-respacing  8. sampling: ancestral DDPM, DDIM, classifier-free guidance  9. speed: compiled blocks, CUDA graphs.
-The GLA recurrence itself lives in gla_kernel.py (a Triton kernel on a GPU, a PyTorch chunked path elsewhere).
+Read top to bottom: 1. embeddings  2. the parts of a DiG block  3. the scan order and the DiG block  4. the model
+5. the DiT baseline of the same size  6. named sizes (DiG-S/2 ... DiT-XL/8)  7. Gaussian diffusion as in DiT
+(schedule, hybrid loss, respacing)  8. sampling (DDPM, DDIM, guidance); then the machinery: 9. speed (compiled
+blocks, CUDA graphs)  10. input checks. The GLA recurrence lives in gla_kernel.py (Triton and PyTorch forms).
 """
 
 import functools
@@ -45,8 +43,7 @@ def sincos_pos_embed(dim, side):
     if dim % 4:
         raise ValueError(f"the 2D sin-cos position embedding needs hidden_size divisible by 4; got {dim}")
     freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))        # [dim/4]
-    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64),
-                                torch.arange(side, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(*[torch.arange(side, dtype=torch.float64)] * 2, indexing="ij")   # [E, E] each
 
     def embed_1d(pos):
         angles = pos.reshape(-1, 1) * freqs                                   # [T, dim/4]
@@ -191,13 +188,11 @@ class GatedLinearAttention(nn.Module):
 
     def _gla(self, q):
         # The Triton kernel on a GPU where it takes these head sizes and dtype; the PyTorch chunked path (the
-        # same maths, slower) everywhere else.
+        # same maths, slower) everywhere else, with a warning on a GPU.
         if q.is_cuda and gla_kernel.kernel_supports(self.head_k, self.head_v, q.dtype):
             return gla_kernel.chunk_gla
         if q.is_cuda:
-            warnings.warn(f"GLA heads of {self.head_k} x {self.head_v} in {q.dtype}: the Triton kernel takes head "
-                          f"sizes {gla_kernel.HEAD_DIMS} in fp16/bf16/fp32, so this model runs the slower PyTorch "
-                          f"chunked path")     # Python shows a warning once per place and message
+            warn_slow_gla(self.head_k, self.head_v, q.dtype)
         return gla_kernel.chunk_gla_torch
 
 
@@ -333,27 +328,13 @@ class DiffusionTransformer(nn.Module):
         force_drop_ids: optional [N], 1 (or True) where the label is replaced by the null label; given, it
         replaces the random label dropout of training mode (train_tiny.py draws it with the rest of a step).
         Returns [N, out_channels, input_size, input_size]: the predicted noise (and v, see section 7)."""
-        self._check_inputs(x, t, y)
+        check_model_inputs(self, x, t, y)
         x = self.x_embedder(x).flatten(2).transpose(1, 2)   # [N, D, E, E] -> [N, T, D], tokens in raster order
         x = x.contiguous() + self.pos_embed                  # copy to row-major [N, T, D] (memory was [N, D, T])
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)   # [N, D]
         x = self.run_blocks(x, c)                            # [N, T, D]
         x = self.final_layer(x, c)                           # [N, T, p*p*out_channels]
         return self.unpatchify(x)                            # [N, out_channels, input_size, input_size]
-
-    def _check_inputs(self, x, t, y):
-        expected = (self.in_channels, self.input_size, self.input_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{type(self).__name__} was built for inputs [N, {self.in_channels}, {self.input_size}, "
-                             f"{self.input_size}] (in_channels={self.in_channels}, input_size={self.input_size}); "
-                             f"got {tuple(x.shape)}")
-        if t.shape != x.shape[:1] or y.shape != x.shape[:1]:
-            raise ValueError(f"t and y must be [N] = [{x.shape[0]}]; got t {tuple(t.shape)}, y {tuple(y.shape)}")
-        # The range check reads the labels on the host, which a CUDA graph capture forbids (its warm-up checks).
-        capturing = y.is_cuda and torch.cuda.is_current_stream_capturing()
-        if y.is_floating_point() or (not capturing and not ((y >= 0) & (y <= self.num_classes)).all()):
-            raise ValueError(f"labels must be integers in [0, {self.num_classes}] ({self.num_classes} is the "
-                             f"null label of classifier-free guidance); got {y.tolist()[:16]}")
 
     def run_blocks(self, x, c):
         for block in self.blocks:                # DiG: block i reads the tokens in scan order i % 4, and
@@ -484,6 +465,13 @@ def mean_flat(x):
     return x.mean(dim=tuple(range(1, x.dim())))      # [N, ...] -> [N]
 
 
+def split_model_output(out, C):
+    """[N, 2C, ...] -> (eps, v): a model that learns its variance; [N, C, ...] -> (eps, None): a fixed variance."""
+    if out.shape[1] not in (C, 2 * C):
+        raise ValueError(f"the model output has {out.shape[1]} channels; expected {C} (eps) or {2 * C} (eps, v)")
+    return out[:, :C], (out[:, C:] if out.shape[1] == 2 * C else None)
+
+
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), element-wise, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
@@ -569,24 +557,16 @@ class GaussianDiffusion:
         return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
                 - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
 
-    def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
-                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
-
     def _p_from_output(self, out, x, t, clip_denoised=False):
         """p(x_{t-1} | x_t) from the model's output [N, 2C, ...] (eps and v) or [N, C, ...] (eps, fixed variance)."""
-        C = x.shape[1]
-        if out.shape[1] == 2 * C:
-            eps, v = out[:, :C], out[:, C:]
+        eps, v = split_model_output(out, x.shape[1])
+        if v is None:
+            log_variance = self._extract(self.fixed_log_variance, t, x)
+        else:
             min_log = self._extract(self.posterior_log_variance_clipped, t, x)
             max_log = self._extract(self.log_betas, t, x)
             frac = (v + 1) / 2                                  # v in [-1, 1] -> [0, 1]
             log_variance = frac * max_log + (1 - frac) * min_log
-        elif out.shape[1] == C:
-            eps, log_variance = out, self._extract(self.fixed_log_variance, t, x)
-        else:
-            raise ValueError(f"the model output has {out.shape[1]} channels; expected {C} (eps) or {2 * C} "
-                             f"(eps and variance) for inputs with {C} channels")
         pred_xstart = self._predict_xstart_from_eps(x, t, eps)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
@@ -613,19 +593,14 @@ class GaussianDiffusion:
         """Per-example losses at steps t: dict of "loss" = "mse" + "vb", each [N]."""
         noise = torch.randn_like(x_start) if noise is None else noise
         x_t = self.q_sample(x_start, t, noise)
-        out = self._model_output(model, x_t, t, model_kwargs)
-        C = x_start.shape[1]
-        mse = mean_flat((noise - out[:, :C]) ** 2)
-        if out.shape[1] == 2 * C:
-            # The bound trains the variance only: the mean enters it through a stop-gradient, so the eps
-            # prediction is driven by the MSE alone (IDDPM's hybrid loss).
-            frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)
-            vb = self._vb_terms_bpd(frozen, x_start, x_t, t)
-        elif out.shape[1] == C:
+        eps, v = split_model_output(self._model_output(model, x_t, t, model_kwargs), x_start.shape[1])
+        mse = mean_flat((noise - eps) ** 2)
+        if v is None:
             vb = torch.zeros_like(mse)          # fixed variance: nothing for the bound to train
         else:
-            raise ValueError(f"the model output has {out.shape[1]} channels; expected {C} (eps) or {2 * C} "
-                             f"(eps and variance values)")
+            # The bound trains the variance only: the mean enters it through a stop-gradient, so the eps
+            # prediction is driven by the MSE alone (IDDPM's hybrid loss).
+            vb = self._vb_terms_bpd(torch.cat([eps.detach(), v], dim=1), x_start, x_t, t)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     # -- sampling loops --
@@ -643,24 +618,6 @@ class GaussianDiffusion:
                 x = x + torch.exp(0.5 * p["log_variance"]) * torch.randn(x.shape, generator=generator, device=x.device)
         return x
 
-    @torch.no_grad()
-    def ddim_sample_loop(self, model, shape, noise=None, model_kwargs=None, device=None, eta=0.0, progress=False,
-                         clip_denoised=False, generator=None):
-        """DDIM: step to x_{t-1} through the predicted x_0; eta = 0 is deterministic, eta = 1 is DDPM-like."""
-        x = self._initial_noise(model, shape, noise, device, generator)
-        for i in self._steps(progress):
-            t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
-            p = self.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
-            eps = self._predict_eps_from_xstart(x, t, p["pred_xstart"])   # consistent with a clipped x_0
-            abar = self._extract(self.alphas_cumprod, t, x)
-            abar_prev = self._extract(self.alphas_cumprod_prev, t, x)
-            sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-            # 1 - abar_prev - sigma^2 is ~0 on a jump to t = 0 and can round below it: clamp, or sqrt gives NaN.
-            x = p["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt((1 - abar_prev - sigma ** 2).clamp(min=0)) * eps
-            if eta > 0 and i > 0:
-                x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
-        return x
-
     def _initial_noise(self, model, shape, noise, device, generator):
         if noise is not None:
             return noise
@@ -674,6 +631,28 @@ class GaussianDiffusion:
             if progress and (i % 10 == 0 or i == self.num_timesteps - 1):
                 print(f"\rsampling: {self.num_timesteps - i}/{self.num_timesteps}", end="" if i else "\n", flush=True)
             yield i
+
+    # -- DDIM: a second, deterministic sampler (optional reading) --
+
+    @torch.no_grad()
+    def ddim_sample_loop(self, model, shape, noise=None, model_kwargs=None, device=None, eta=0.0, progress=False,
+                         clip_denoised=False, generator=None):
+        """DDIM: step to x_{t-1} through the predicted x_0; eta = 0 is deterministic, eta = 1 is DDPM-like."""
+        x = self._initial_noise(model, shape, noise, device, generator)
+        for i in self._steps(progress):
+            t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
+            p = self.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
+            # The eps that the (possibly clipped) predicted x_0 implies: _predict_xstart_from_eps solved for eps.
+            eps = ((self._extract(self.sqrt_recip_alphas_cumprod, t, x) * x - p["pred_xstart"])
+                   / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x))
+            abar = self._extract(self.alphas_cumprod, t, x)
+            abar_prev = self._extract(self.alphas_cumprod_prev, t, x)
+            sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+            # 1 - abar_prev - sigma^2 is ~0 on a jump to t = 0 and can round below it: clamp, or sqrt gives NaN.
+            x = p["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt((1 - abar_prev - sigma ** 2).clamp(min=0)) * eps
+            if eta > 0 and i > 0:
+                x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+        return x
 
 
 def space_timesteps(num_timesteps, spacing):
@@ -731,19 +710,12 @@ def sample(model, labels, steps=250, cfg_scale=1.0, sampler="ddpm", noise=None, 
     sampler: "ddpm" (ancestral) or "ddim" (with eta). generator: a torch.Generator on the model's device.
     Call it with the model in eval mode (training mode would drop labels). Pixel models: clamp the result.
     """
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f'sampler must be "ddpm" or "ddim"; got {sampler!r}')
-    if not 2 <= steps <= 1000:
-        raise ValueError(f"steps must be between 2 and 1000 (the respaced process needs a step before the last); "
-                         f"got {steps}")
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, device=device)
     n = labels.shape[0]
     shape = (n, model.in_channels, model.input_size, model.input_size)
-    if noise is None:
-        noise = torch.randn(shape, generator=generator, device=device)
-    if tuple(noise.shape) != shape:
-        raise ValueError(f"noise must be {shape} for this model and {n} labels; got {tuple(noise.shape)}")
+    check_sample_args(sampler, steps, noise, shape)
+    noise = torch.randn(shape, generator=generator, device=device) if noise is None else noise
     # DDIM is often respaced with "ddim<N>" (a constant stride from step 0, never visiting step 999); evenly
     # spread steps with both ends work for any count and for both samplers.
     diffusion = create_diffusion(str(steps))
@@ -753,28 +725,23 @@ def sample(model, labels, steps=250, cfg_scale=1.0, sampler="ddpm", noise=None, 
         noise = torch.cat([noise, noise], dim=0)
         labels = torch.cat([labels, torch.full_like(labels, model.num_classes)], dim=0)
         model_fn, kwargs = model.forward_with_cfg, {"y": labels, "cfg_scale": cfg_scale}
-    loop_kwargs = dict(noise=noise, model_kwargs=kwargs, progress=progress, clip_denoised=clip_denoised,
-                       generator=generator)
-    if sampler == "ddpm":
-        x = diffusion.p_sample_loop(model_fn, noise.shape, **loop_kwargs)
-    else:
-        x = diffusion.ddim_sample_loop(model_fn, noise.shape, eta=eta, **loop_kwargs)
+    loop = diffusion.p_sample_loop if sampler == "ddpm" else functools.partial(diffusion.ddim_sample_loop, eta=eta)
+    x = loop(model_fn, noise.shape, noise=noise, model_kwargs=kwargs, progress=progress, clip_denoised=clip_denoised,
+             generator=generator)
     return x[:n]     # with guidance, the second half only carried the unconditional pass
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 9. Speed: compiled blocks and CUDA graphs (train_tiny.py uses both on a GPU)
-#
-# Nothing above depends on this section. At small sizes a DiG step is about a thousand small kernels, mostly
-# element-wise work between the matmuls, and launching them from Python takes about as long as running them:
-# compile_blocks fuses the element-wise work, and a CUDA graph lets the GPU replay a step without Python.
+# 9. Speed: compiled blocks and CUDA graphs (train_tiny.py uses both on a GPU). Nothing above depends on them.
+# At small sizes a DiG step is about a thousand small kernels, mostly element-wise work between the matmuls, and
+# launching them from Python takes as long as running them: compile_blocks fuses the element-wise work, and a
+# CUDA graph lets the GPU replay a step without Python.
 
 
 def compile_blocks(model):
-    """torch.compile every block of the model, one by one ("regional" compilation), and return the model.
-    Blocks of one class share their code, so each kind of block (DiG has two: with and without a transpose
-    after it) compiles once. The GLA kernel stays an opaque operator; the normalisations, modulations, gates,
-    activations, residual adds and permutes around it and the matmuls become a few generated kernels."""
+    """torch.compile each block ("regional" compilation) and return the model. Each kind of block compiles once
+    (DiG has two: with and without a transpose after it). The GLA kernel stays an opaque operator; the norms,
+    modulations, gates, activations, residual adds and permutes around it become a few generated kernels."""
     for block in model.blocks:
         if isinstance(block, DiGBlock):
             block.forward = functools.partial(_forward_recomputing, block.forward)
@@ -826,8 +793,8 @@ class GraphedDenoiser:
     shape (and guidance scale) is first seen. A sampler calls it a hundred times: a capture pays at once."""
 
     def __init__(self, net):
-        self.net, self.graphs, self.parameters = net, {}, net.parameters
-        self.in_channels, self.input_size, self.num_classes = net.in_channels, net.input_size, net.num_classes
+        self.net, self.graphs, self.parameters, self.num_classes = net, {}, net.parameters, net.num_classes
+        self.in_channels, self.input_size = net.in_channels, net.input_size
 
     def __call__(self, x, t, y):
         return self.forward_with_cfg(x, t, y, cfg_scale=None)
@@ -847,3 +814,37 @@ class GraphedDenoiser:
             static.copy_(new)
         graph.replay()
         return output.clone()    # the next replay overwrites `output`; the sampler may still hold this one
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 10. Checks on what callers pass in: an error that says what was wrong and what is accepted, not a shape error
+# deep inside a block.
+
+
+def check_model_inputs(model, x, t, y):
+    expected = (model.in_channels, model.input_size, model.input_size)
+    if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"{type(model).__name__} was built for inputs [N, {', '.join(map(str, expected))}] "
+                         f"(in_channels, input_size, input_size); got {tuple(x.shape)}")
+    if t.shape != x.shape[:1] or y.shape != x.shape[:1]:
+        raise ValueError(f"t and y must be [N] = [{x.shape[0]}]; got t {tuple(t.shape)}, y {tuple(y.shape)}")
+    # The range check reads the labels on the host, which a CUDA graph capture forbids (its warm-up checks).
+    capturing = y.is_cuda and torch.cuda.is_current_stream_capturing()
+    if y.is_floating_point() or (not capturing and not ((y >= 0) & (y <= model.num_classes)).all()):
+        raise ValueError(f"labels must be integers in [0, {model.num_classes}] ({model.num_classes} is the "
+                         f"null label of classifier-free guidance); got {y.tolist()[:16]}")
+
+
+def warn_slow_gla(head_k, head_v, dtype):
+    warnings.warn(f"GLA heads of {head_k} x {head_v} in {dtype}: the Triton kernel takes head sizes "
+                  f"{gla_kernel.HEAD_DIMS} in fp16/bf16/fp32, so this model runs the slower PyTorch chunked path")
+
+
+def check_sample_args(sampler, steps, noise, shape):
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f'sampler must be "ddpm" or "ddim"; got {sampler!r}')
+    if not 2 <= steps <= 1000:
+        raise ValueError(f"steps must be between 2 and 1000 (the respaced process needs a step before the last); "
+                         f"got {steps}")
+    if noise is not None and tuple(noise.shape) != shape:
+        raise ValueError(f"noise must be {shape} for this model and {shape[0]} labels; got {tuple(noise.shape)}")

@@ -57,23 +57,6 @@ except ImportError:   # no Triton (it ships for Linux): the reference and the Py
 # 1. The reference recurrence and the PyTorch chunked path
 
 
-def _check_inputs(q, k, v, g, initial_state):
-    if q.dim() != 4 or k.shape != q.shape or g.shape != q.shape:
-        raise ValueError(f"q, k and g must all be [B, T, H, K]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"g {tuple(g.shape)}")
-    B, T, H, K = q.shape
-    if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"v must be [B, T, H, V] with B, T, H = {B}, {T}, {H} as in q; got {tuple(v.shape)}")
-    if T < 1:
-        raise ValueError("the sequence must hold at least one token (T >= 1)")
-    V = v.shape[-1]
-    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
-        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}; got {tuple(initial_state.shape)}")
-    dtypes = {q.dtype, k.dtype, v.dtype, g.dtype}
-    if len(dtypes) != 1:
-        raise ValueError(f"q, k, v and g must share one dtype; got {sorted(str(d) for d in dtypes)}")
-
-
 def naive_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
     """The GLA recurrence, one token at a time: the ground truth for everything else in this file.
 
@@ -92,12 +75,6 @@ def naive_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
         o.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
     o = torch.stack(o, dim=1)                                                          # [B, T, H, V]
     return o.to(v.dtype), (S if output_final_state else None)
-
-
-def _check_gate(g):
-    if g.numel() and not bool((g <= 0).all()):       # NaN fails g <= 0 too
-        found = "NaN" if bool(g.isnan().any()) else f"a maximum of {g.max().item():.4g}"
-        raise ValueError(f"gates must be log-space forget gates, g <= 0 (e.g. logsigmoid(x) / 16); got {found}")
 
 
 def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_state=False, check_gate=True,
@@ -677,6 +654,30 @@ class _EagerGLA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, d_states):
         return _gla_gradients(ctx, do, d_states, backward=_gla_backward)
+
+
+def _check_inputs(q, k, v, g, initial_state):
+    # The shapes and dtypes every function of this file takes (section 1's too), with what was wrong.
+    if q.dim() != 4 or k.shape != q.shape or g.shape != q.shape:
+        raise ValueError(f"q, k and g must all be [B, T, H, K]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"g {tuple(g.shape)}")
+    B, T, H, K = q.shape
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be [B, T, H, V] with B, T, H = {B}, {T}, {H} as in q; got {tuple(v.shape)}")
+    if T < 1:
+        raise ValueError("the sequence must hold at least one token (T >= 1)")
+    V = v.shape[-1]
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
+        raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, V)}; got {tuple(initial_state.shape)}")
+    dtypes = {q.dtype, k.dtype, v.dtype, g.dtype}
+    if len(dtypes) != 1:
+        raise ValueError(f"q, k, v and g must share one dtype; got {sorted(str(d) for d in dtypes)}")
+
+
+def _check_gate(g):
+    if g.numel() and not bool((g <= 0).all()):       # NaN fails g <= 0 too
+        found = "NaN" if bool(g.isnan().any()) else f"a maximum of {g.max().item():.4g}"
+        raise ValueError(f"gates must be log-space forget gates, g <= 0 (e.g. logsigmoid(x) / 16); got {found}")
 
 
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, check_gate=True):

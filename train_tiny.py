@@ -1,5 +1,4 @@
-"""
-Train a small class-conditional DiG (or its DiT twin) on CIFAR-10, or on latents precomputed with a VAE.
+"""Train a small class-conditional DiG (or its DiT twin) on CIFAR-10, or on latents precomputed with a VAE.
 
     python train_tiny.py                          # GPU: DiG-S/2 on CIFAR-10 for 15 minutes; CPU: a smoke run
     python train_tiny.py --model DiT-S/2          # the softmax-attention twin, same recipe
@@ -334,8 +333,7 @@ CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 
 def load_data(args, rank, world, device):
     if args.latents:
-        x, y = load_latents(args.latents)
-        data = Data(x, y, True, int(y.max()) + 1)
+        data = load_latents(args.latents)
     else:   # rank 0 downloads CIFAR-10 if it is missing, while the others wait
         on_rank0(lambda: cifar_batch_files(args.data_dir) or download_cifar10(args.data_dir), rank, world)
         data = Data(*load_cifar10(args.data_dir), False, 10)
@@ -418,7 +416,7 @@ def load_cifar10(data_dir):
 
 
 def load_latents(path):
-    """An .npz with 'latents' (float [N,C,H,W]) and 'labels' (int [N]): float32 and int64 CPU tensors."""
+    """An .npz with 'latents' (float [N,C,H,W]) and 'labels' (int [N]), as Data of float32 and int64 CPU tensors."""
     try:
         with np.load(path) as f:
             x, y = f["latents"], f["labels"]
@@ -430,7 +428,7 @@ def load_latents(path):
     if not ok:
         raise SystemExit(f"error: cannot use latents file {path} ({found}); expected an .npz with finite 'latents' "
                          f"[N, C, H, H] and integer 'labels' [N] >= 0, N >= 1.")
-    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+    return Data(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64)), True, int(y.max()) + 1)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -451,17 +449,7 @@ def build_run(args, ckpt, shape, device):
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=True)   # one kernel for all
-    if ckpt is None:
-        return model, ema, opt, 0, 0.0
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    opt.load_state_dict(ckpt["opt"])   # the moments and step counts, under this run's settings (device, lr)
-    for group, own in zip(opt.param_groups, settings):
-        group.update(own)
-    for p, s in opt.state.items():   # the fused kernels want the step count as float32 beside the weights
-        s["step"] = s["step"].to(device=p.device, dtype=torch.float32)
-    return model, ema, opt, ckpt["step"], ckpt["elapsed"]
+    return (model, ema, opt) + ((0, 0.0) if ckpt is None else restore(ckpt, model, ema, opt))
 
 
 def save_checkpoint(args, model, ema, opt, data, step, log, rank, world):
@@ -492,6 +480,19 @@ def load_checkpoint(path):
     if missing:
         raise SystemExit(f"error: {path} is not a train_tiny.py checkpoint (missing {sorted(missing)})")
     return path, ckpt
+
+
+def restore(ckpt, model, ema, opt):
+    """Load a checkpoint into a freshly built run; returns its (step, elapsed seconds)."""
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    opt.load_state_dict(ckpt["opt"])   # the moments and step counts, under this run's settings (device, lr)
+    for group, own in zip(opt.param_groups, settings):
+        group.update(own)
+    for p, s in opt.state.items():   # the fused kernels want the step count as float32 beside the weights
+        s["step"] = s["step"].to(device=p.device, dtype=torch.float32)
+    return ckpt["step"], ckpt["elapsed"]
 
 
 def stop_on_nan(loss, grad_norm, step, last_ckpt, args):
@@ -573,9 +574,8 @@ def plot_loss(log_path, png_path, width=640, height=360):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 8. Speed: the compiled training step (the GPU default; --eager turns it off, and dig.GraphedDenoiser for the
-# sampler). At CIFAR-10 sizes a step is ~1,000 small kernels: dig.compile_blocks fuses the element-wise work
-# between the matmuls, and a CUDA graph (dig.capture_cuda_graph) launches the whole forward and backward at once.
+# 8. Speed, the GPU default (--eager turns it off): the blocks compiled (dig.compile_blocks), the forward and
+# backward replayed as one CUDA graph (dig.capture_cuda_graph), and the sampler's network a dig.GraphedDenoiser.
 
 def make_train_step(model, ema, opt, args, world, log, example_batch):
     """The training step and the network the sampler calls: on a GPU (unless --eager) compiled, from CUDA graphs."""
