@@ -169,16 +169,29 @@ def sample_and_judge(net, n, step, shape, args, rank, world, classifier=None, ch
         print(f"{n} samples in {seconds:.0f} s: {path}.npz and .png", flush=True)
         if not classifier:
             return dict(npz=path + ".npz")
-        data = train_tiny.load_data(args, 0, 1, torch.device("cpu"))    # the reference: the training images
-        return dict(npz=path + ".npz", **evaluate(samples, labels, seconds, data, args, classifier, f"eval_{tag}.json"))
+        return dict(npz=path + ".npz", **evaluate(samples, labels, seconds, args, classifier, f"eval_{tag}.json"))
     return train_tiny.on_rank0(save_and_judge, rank, world)
 
 
-def evaluate(samples, labels, seconds, data, args, classifier, out_name):
+_references = {}
+
+
+def classifier_and_reference(classifier, args):
+    """The ResNet-56 and the Gaussian of its features of the training images (and their number): made once per
+    process for a weights file, data folder and device, and kept, as ablate.py judges several EMAs of a run."""
+    key = (os.path.abspath(classifier), os.path.getmtime(classifier), os.path.abspath(args.data_dir), args.device)
+    if key not in _references:
+        net = load_classifier(classifier, torch.device(args.device))
+        images = train_tiny.load_data(args, 0, 1, torch.device("cpu")).x
+        _references[key] = net, gaussian_stats(pooled_features(net, images)), len(images)
+    return _references[key]
+
+
+def evaluate(samples, labels, seconds, args, classifier, out_name):
     """Judge uint8 samples against the training images: print, write out_name in args.out, return the scores."""
-    net = load_classifier(classifier, torch.device(args.device))
-    print(f"judging {len(samples)} samples with the ResNet-56 (and the {len(data.x)} training images)", flush=True)
-    acc, per_class, fd = judge(net, samples, labels, gaussian_stats(pooled_features(net, data.x)))
+    net, reference, n_reference = classifier_and_reference(classifier, args)
+    print(f"judging {len(samples)} samples with the ResNet-56 (and the {n_reference} training images)", flush=True)
+    acc, per_class, fd = judge(net, samples, labels, reference)
     print(f"ResNet-56 finds the requested class in {100 * acc:.1f}% of {len(labels)} EMA samples (cfg "
           f"{args.cfg_scale}, {args.sample_steps} {args.sampler} steps); Frechet distance of its features to "
           f"the training images' {fd:.2f}; per class (%): " + " ".join(f"{100 * a:.0f}" for a in per_class))

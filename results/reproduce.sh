@@ -48,14 +48,19 @@ run_part() {   # run_part FILE COMMAND...: the header, then the command's output
     { header "$@"; "$@" 2>&1; } | tee "$RESULTS/$file"
 }
 
-train() {
+train_and_judge() {   # train_and_judge OUT TRAIN_TINY_FLAGS...: the run, then 2,000 of its samples judged
+    local out=$1; shift
+    python3 train_tiny.py --data-dir data --out "$out" "$@"
+    python3 results/judge.py "$out" --classifier "$RESNET56" --samples 2000
+}
+
+train() {   # results/train_<model>.* for the six-minute run; MINUTES=15 makes train_<model>-15min.*
     local model=$1 name=${1//\//-}
-    local out=runs/$name-${MINUTES}min
+    [ "$MINUTES" = 6 ] || name=$name-${MINUTES}min
+    local out=runs/${1//\//-}-${MINUTES}min
     rm -rf "$out"
     # shellcheck disable=SC2086
-    { header train_tiny.py --model "$model" --minutes "$MINUTES" ${TRAIN_FLAGS:-} "&& results/judge.py --samples 2000"
-      python3 train_tiny.py --model "$model" --data-dir data --minutes "$MINUTES" --out "$out" ${TRAIN_FLAGS:-} 2>&1
-      python3 results/judge.py "$out" --classifier "$RESNET56" --samples 2000 2>&1; } | tee "$RESULTS/train_$name.txt"
+    run_part "train_$name.txt" train_and_judge "$out" --model "$model" --minutes "$MINUTES" ${TRAIN_FLAGS:-}
     cp "$out/log.csv" "$RESULTS/train_$name.csv"
     cp "$out"/eval_*.json "$RESULTS/train_$name.eval.json"
     cp "$(ls "$out"/samples_???????.png | tail -n 1)" "$RESULTS/train_${name}_samples.png"
