@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts  # section 9
 
 import gla_kernel
 
@@ -43,7 +43,7 @@ def sincos_pos_embed(dim, side):
     if dim % 4:
         raise ValueError(f"the 2D sin-cos position embedding needs hidden_size divisible by 4; got {dim}")
     freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))        # [dim/4]
-    rows, cols = torch.meshgrid(*[torch.arange(side, dtype=torch.float64)] * 2, indexing="ij")   # [E, E] each
+    rows, cols = torch.meshgrid(*[torch.arange(side, dtype=torch.float64)] * 2, indexing="ij")   # [side, side] each
 
     def embed_1d(pos):
         angles = pos.reshape(-1, 1) * freqs                                   # [T, dim/4]
@@ -53,7 +53,7 @@ def sincos_pos_embed(dim, side):
 
 
 class TimestepEmbedder(nn.Module):
-    """Diffusion step t (an integer 0..999) -> [D]: 256 sinusoidal features, then a two-layer MLP."""
+    """Diffusion step t (0..999: how noisy the input is, section 7) -> [D]: 256 sinusoidal features, then an MLP."""
 
     def __init__(self, hidden_size, freq_dim=256):
         super().__init__()
@@ -109,8 +109,8 @@ def _xavier(*layers, gain=1.0):
 
 
 class AdaLNZeroBlock(nn.Module):
-    """x + gate * mixer(modulate(norm(x))), then the same for the MLP; shift, scale and gate come from c.
-
+    """x + gate * mixer(modulate(norm(x))), then the same for the MLP. Shift, scale and gate come from c ([N, D],
+    the step's plus the label's embedding, section 4): an adaptive LayerNorm ("adaLN"), predicted per image.
     The modulation is zero-initialised, so every gate starts at 0 and the block starts as the identity: a deep
     network begins as a shallow one and each block learns how much to contribute ("adaLN-Zero").
     """
@@ -141,9 +141,9 @@ class GatedLinearAttention(nn.Module):
         S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t
 
     Token t sees the tokens up to and including itself in the scan order, which changes from block to block.
-    Keys are half as wide as values: head dims K = D / 2 / heads, V = D / heads. These, a rank-16 forget gate
-    whose logsigmoid is divided by 16 (see forward), and the output's RMSNorm times swish gate are the GLA layer
-    of the official DiG code (flash-linear-attention's)."""
+    As in the official DiG code (flash-linear-attention's GLA layer): keys half as wide as values (head dims
+    K = D / 2 / heads, V = D / heads), a rank-16 forget gate with logsigmoid / 16 (see forward), and a per-head
+    RMSNorm of the output times a silu gate."""
 
     def __init__(self, dim, num_heads, forget_rank=16, forget_normalizer=16):
         super().__init__()
@@ -171,7 +171,7 @@ class GatedLinearAttention(nn.Module):
     def forward(self, x):
         N, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k, self.head_v
-        q, k, v, out_gate, forget_low_rank = self.in_proj(x).split(self.split_sizes, dim=-1)
+        q, k, v, out_gate, forget_low_rank = self.in_proj(x).split(self.split_sizes, dim=-1)   # D/2, D/2, D, D, 16
         # q, k, v stay views into the projection output, consecutive tokens sum(split_sizes) apart: the kernel
         # reads tokens of any stride, so nothing is copied.
         q, k, v = q.view(N, T, H, K), k.view(N, T, H, K), v.view(N, T, H, V)
@@ -299,7 +299,7 @@ class DiffusionTransformer(nn.Module):
       input_size: side of the (square) input in pixels or latent cells; patch_size must divide it.
       in_channels: channels of the input (4 for Stable Diffusion latents, 3 for pixels).
       num_classes: class labels 0..num_classes-1; num_classes itself is the null label.
-      learn_sigma: also predict, per pixel, IDDPM's variance interpolation v (not v-prediction; section 7);
+      learn_sigma: also predict, per pixel, a value v that sets the variance of each denoising step (section 7);
         doubles the output channels.
       class_dropout_prob: how often a training label is dropped to the null label (for guidance).
     """
@@ -337,8 +337,8 @@ class DiffusionTransformer(nn.Module):
         return self.unpatchify(x)                            # [N, out_channels, input_size, input_size]
 
     def run_blocks(self, x, c):
-        for block in self.blocks:                # DiG: block i reads the tokens in scan order i % 4, and
-            x = block(x, c)                      # after depth % 4 == 0 blocks they are in raster order again
+        for block in self.blocks:
+            x = block(x, c)
         return x
 
     def unpatchify(self, x):
@@ -348,9 +348,9 @@ class DiffusionTransformer(nn.Module):
         return x.reshape(N, C, E * p, E * p)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance in one batched pass: y is [labels; null labels], and x's second half is ignored
-        (the first is used twice). Both halves get eps = eps_uncond + cfg_scale * (eps_cond - eps_uncond), on all
-        in_channels (the official DiT guides only the first 3, a legacy quirk); v is never guided."""
+        """Classifier-free guidance in one batched pass: sample() doubles the batch, y is [labels; null labels], and
+        x's second half is ignored (the first is used twice). Both halves get eps = eps_uncond + cfg_scale *
+        (eps_cond - eps_uncond), on all in_channels (the official DiT guides only the first 3); v is never guided."""
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half], dim=0), t, y)
         eps, rest = out[:, :self.in_channels], out[:, self.in_channels:]
@@ -446,14 +446,14 @@ DiT_models = _configs(DiT)
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 7. Gaussian diffusion (DiT / IDDPM)
+# 7. Gaussian diffusion (DiT's, from IDDPM: "Improved DDPM", Nichol & Dhariwal 2021)
 #
 # Forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, with abar_t = prod_{s<=t} (1 - beta_s)
-# (alphas_cumprod below). The network predicts eps and, per pixel, a value v (IDDPM's interpolation weight, not
-# v-prediction; nominally in [-1, 1], not clamped) that places the variance of the reverse step between beta_t
-# and the true posterior variance ("learned range", in log space). Loss = MSE(eps) + the variational bound term,
-# which trains only the variance: it sees the predicted mean through a stop-gradient ("hybrid" loss). The
-# schedule arrays are float64 numpy, as in IDDPM; values are looked up per step and used in float32.
+# (alphas_cumprod below). The network predicts eps and, per pixel, a value v (an interpolation weight, nominally
+# in [-1, 1], not clamped) that places the variance of the reverse step between beta_t and the true posterior
+# variance ("learned range", in log space). Loss = MSE(eps) + the variational bound, which trains only the
+# variance ("hybrid" loss; see training_losses). The schedule arrays are float64 numpy, as in IDDPM; values are
+# looked up per step and used in float32.
 
 
 def linear_betas(num_timesteps=1000):
@@ -514,7 +514,7 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         self.log_betas = np.log(betas)
-        # For a model that does not learn its variance (out_channels == in_channels): DiT's "fixed large" choice.
+        # A model that does not learn its variance (out_channels == in_channels) gets beta_t ("fixed large").
         self.fixed_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
         self._on_device = {}
 

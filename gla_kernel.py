@@ -9,7 +9,8 @@ shape [K, V] is carried through time in float32:
     o_t = scale * q_t @ S_t
 
 That loop is exact but sequential in T. The chunked form cuts the sequence into chunks of C tokens. With
-G the cumulative sum of g inside a chunk (G_last its last row), a chunk needs only the state it starts from:
+G the cumulative sum of g inside a chunk (G_last its last row), token j's write has decayed by exp(G_i - G_j)
+when token i reads it (exp(0) = 1 for i = j: decay first, then write); a chunk needs only the state before it:
 
     o_chunk = scale * (q * exp(G)) @ S_prev  +  scale * tril((q * exp(G)) (k * exp(-G))^T) @ v
     S_next  = diag(exp(G_last)) @ S_prev  +  (k * exp(G_last - G))^T @ v

@@ -50,7 +50,7 @@ import dig
 #     double the data. (Not for latents: a mirrored latent is not the latent of a mirror image.)
 #   * classifier-free guidance at scale 3: a young model's conditional and unconditional predictions differ
 #     little, and guidance amplifies exactly that difference, the class. 100 ancestral steps suffice at 32x32.
-# CPU: a smoke test, a 4-block, 128-wide DiG on 4x4 patches: the whole pipeline in about a minute. Both keep
+# CPU: a smoke test, a 4-block, 128-wide DiG on 4x4 patches: the whole pipeline in 1-2 minutes. Both keep
 # DiT's diffusion (1000 steps, learned variance, hybrid loss) and label dropout of 0.1; on a GPU the network
 # runs under bf16 autocast, on a CPU in float32.
 
@@ -125,7 +125,7 @@ class TrainStep:
         for i, p in enumerate(self.trained):
             p.grad = None if grads is None else grads[i]
 
-    def forward_backward(self, batch, autocast_cache=True):
+    def forward_backward(self, batch, autocast_cache=True):   # autocast_cache: False in a CUDA graph (section 8)
         """Part 1: the batch's loss (detached); backward adds the gradients into each p.grad."""
         device = self.flat_grad.device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
@@ -185,7 +185,7 @@ def train(args, ckpt, rank, world, device):
             f"{data.num_classes} classes | {world} process(es) on {device.type} | global batch {args.batch_size}"
             f" | out {args.out}" + (f" | resuming at step {step}" if ckpt else ""))
     generator = torch.Generator(device=device)
-    # train_step: a TrainStep (on a GPU compiled and replayed as a CUDA graph, section 8); sample_net: the EMA
+    # train_step: a TrainStep (on a GPU compiled, a CUDA graph: this file's section 8); sample_net: the EMA
     # network as the sampler calls it. Compiling counts against --minutes, not against the speed.
     with log.paused():
         train_step, sample_net = make_train_step(model, ema, opt, args, world, log,
@@ -194,11 +194,11 @@ def train(args, ckpt, rank, world, device):
     with StopRequests() as stop_requests:
         while not done:
             # 1 + 2: forward and backward, gradients averaged; the step's one synchronisation (agree) gives every
-            # process the mean loss, the share of --minutes used, and any stop signal (StopRequests, section 9)
+            # process the mean loss, the share of --minutes used, and any stop signal (StopRequests, section 9 here)
             loss, grad_norm = train_step(draw_batch(data, step, args, rank, world, generator))
             loss, grad_norm, time_used, stop = agree(loss, grad_norm, log.time_used(), stop_requests.signal)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                stop_on_nan(loss, grad_norm, step, last_ckpt, args)
+                stop_on_nan(loss, grad_norm, step, last_ckpt, args)     # exits, naming the last checkpoint
             # 3: clip, AdamW, EMA
             lr = learning_rate(step, log.progress(step, time_used), args)
             train_step.update(lr, ema_decay(step, args.ema))
