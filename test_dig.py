@@ -3,12 +3,11 @@ Triton kernel against the float64 recurrence; 2.-4. dig.py sections 1-6 (the mod
 and 9 (compiled blocks); 5.-6. train_tiny.py sections 1-3 (recipe, training step, runs) and 4-9 (command line,
 data, checkpoints, pictures, progress); 7. results/judge.py (samples from a run and the ResNet-56 judge).
 
-    pytest test_dig.py           # on a CPU in a few minutes; GPU-only tests skip there
+    pytest test_dig.py           # on a CPU in a few minutes (Triton's interpreter, set below); GPU-only tests skip
     pytest -n 8 test_dig.py      # 8 processes (pytest-xdist): on a GPU machine they compile kernels side by side
 
-Each test's random numbers come from a seed fixed by its name and DIG_TEST_SEED (default 0); a failing test prints
-the command that replays it. The judge's test on real CIFAR-10 reads DIG_DATA (default ../shared/data: ResNet-56
-weights and images) and skips without them. On a CPU the Triton kernels run in Triton's interpreter (set below)."""
+Each test's seed comes from its name and DIG_TEST_SEED (default 0); a failing test prints the command that replays it.
+The judge's test on real CIFAR-10 reads DIG_DATA (default ../shared/data: ResNet-56 weights, images), or skips."""
 
 import copy
 import functools
@@ -206,7 +205,7 @@ def test_triton_reads_strided_views_and_passes_opcheck(path, seed):
         torch.library.opcheck(torch.ops.dig.gla_forward, (q, k, v, g, 0.25, initial_state))
 
 
-def test_gla_bad_inputs_supported_heads_benchmark_helpers_and_life_without_triton(seed, monkeypatch):
+def test_gla_bad_inputs_supported_heads_benchmark_helpers_and_a_dig_that_learns_without_triton(seed, monkeypatch):
     q, k, v, g = (x.float().to(DEVICE) for x in make_gla_inputs(1, 8, 2, 16, 16, "mild", False, seed)[0])
     for args, message in [
             ((q[0], k, v, g), r"\[B, T, H, K\]"), ((q, k, v[:, :4], g), r"v must be \[B, T, H, V\]"),
@@ -231,27 +230,42 @@ def test_gla_bad_inputs_supported_heads_benchmark_helpers_and_life_without_trito
     monkeypatch.setattr(gla_kernel, "_interpreting", lambda: False)
     with pytest.raises(ValueError, match="CUDA tensors"):
         chunk_gla(q.cpu(), k.cpu(), v.cpu(), g.cpu())
-    # Where Triton does not install (macOS, Windows), dig imports, a model trains on the PyTorch path, and
-    # the Triton kernel says what it needs. The child process hides Triton before anything imports it.
+    # Where Triton does not install (macOS, Windows), dig imports, the Triton kernel says what it needs, and a DiG
+    # learns on the PyTorch path what only token mixing can fit: 8 noisy inputs x_t, the same image but for its
+    # top-left patch, each with its own noise eps everywhere. With the depthwise convs frozen at the identity, GLA
+    # is the only way from that patch to the other 15 tokens: without it the best MSE is the mean of the 8 targets,
+    # 7/8 * 15/16 = 0.82; at init (output 0) it is E[eps^2] = 1. The child hides Triton before anything imports it.
     code = """
-import sys
+import math, sys
 sys.modules["triton"] = None                      # from here on, `import triton` raises ImportError
 import torch, dig, gla_kernel
 assert not gla_kernel.HAS_TRITON and not gla_kernel.kernel_supports(32, 64, torch.float32)
-model = dig.DiG(depth=4, hidden_size=64, num_heads=2, patch_size=2, input_size=8, num_classes=10)
-opt = torch.optim.AdamW(model.parameters())
-for _ in range(2):   # zero-initialised layers: the second step moves the blocks too
-    dig.create_diffusion().training_losses(model, torch.randn(2, 4, 8, 8), torch.tensor([3, 500]),
-                                           {"y": torch.tensor([1, 2])})["loss"].mean().backward()
+torch.manual_seed(int(sys.argv[1]))
+model = dig.DiG(depth=4, hidden_size=64, num_heads=2, patch_size=2, input_size=8, num_classes=10, class_dropout_prob=0)
+x_t = torch.randn(1, 4, 8, 8).repeat(8, 1, 1, 1)
+x_t[:, :, :2, :2] = torch.randn(8, 4, 2, 2)              # the only difference between the 8 inputs
+noise, diffusion, t = torch.randn(8, 4, 8, 8), dig.create_diffusion(), torch.full((8,), 500)
+abar = diffusion.alphas_cumprod[500]
+x0 = (x_t - math.sqrt(1 - abar) * noise) / math.sqrt(abar)   # so that q_sample(x0, t, noise) is x_t
+trained = [p for name, p in model.named_parameters() if p.requires_grad and "dwconv" not in name]   # convs: frozen
+opt, mses = torch.optim.AdamW(trained, lr=3e-3, weight_decay=0), []
+for step in range(150):
+    losses = diffusion.training_losses(model, x0, t, {"y": torch.full((8,), 3)}, noise=noise)
+    opt.zero_grad()
+    losses["loss"].mean().backward()
     opt.step()
-assert model.blocks[0].adaLN_modulation[-1].weight.abs().sum() > 0
+    mses.append(losses["mse"].mean().item())
+    if step == 2:   # zero-initialised layers pass no gradient on at first; from step 3 on every one learns
+        assert all(p.grad.abs().sum() > 0 for p in trained)
+assert abs(mses[0] - 1) < 0.3 and mses[-1] < mses[0] / 100, f"MSE {mses[0]:.3f} -> {mses[-1]:.3f}"
 try:
     gla_kernel.chunk_gla(*[torch.randn(1, 4, 2, 16)] * 3, -torch.rand(1, 4, 2, 16))   # must not run: no "ok"
 except RuntimeError as e:
     print("ok" if "Triton is not installed" in str(e) else e)
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    child = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    env = dict({k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, OMP_NUM_THREADS="1")  # 1 thread
+    child = subprocess.run([sys.executable, "-c", code, str(seed)], cwd=HERE, env=env, capture_output=True,
+                           text=True, timeout=300)
     assert child.returncode == 0 and child.stdout.strip() == "ok", child.stderr[-2000:]
 
 
@@ -285,9 +299,8 @@ def model_inputs(model, n=3, seed=0):
     (8, 2, 4, True), (16, 4, 3, False), (16, 8, 1, True), (12, 2, 4, True)])
 def test_output_shapes_and_zero_at_init(cls, input_size, patch, channels, learn_sigma):
     model = cls(input_size=input_size, patch_size=patch, in_channels=channels, learn_sigma=learn_sigma)
-    out = model(*model_inputs(model, n=2))
-    assert out.shape == (2, channels * (2 if learn_sigma else 1), input_size, input_size)
-    assert torch.equal(out, torch.zeros_like(out))        # adaLN-Zero and a zero final layer
+    out = model(*model_inputs(model, n=2))           # all 0 at init: adaLN-Zero and a zero final layer
+    assert out.shape == (2, channels * (2 if learn_sigma else 1), input_size, input_size) and not out.any()
 
 
 @pytest.mark.parametrize("depth", [4, 12])    # one period of the scan order, and three
@@ -332,9 +345,7 @@ def test_block_parts_embeddings_and_unpatchify_match_their_definitions():
     torch.testing.assert_close(m(x), m.proj((o * F.silu((x @ W_out_gate.T).view(2, 9, H, V))).flatten(2)))
     conv, x = dig.DepthwiseConv(dim=3, side=4), torch.randn(2, 16, 3)
     assert torch.equal(conv(x), x)                           # the identity at init
-    with torch.no_grad():
-        conv.conv.weight.zero_()
-        conv.conv.weight[:, :, 0, 1] = 1                     # output (r, c) = input (r - 1, c): the token above
+    conv.conv.weight.data.zero_()[:, :, 0, 1] = 1            # output (r, c) = input (r - 1, c): the token above
     out, grid = conv(x).view(2, 4, 4, 3), x.view(2, 4, 4, 3)
     assert torch.equal(out[:, 1:], grid[:, :-1]) and torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
     mlp, x = dig.SwiGLU(64), torch.randn(2, 5, 64)      # down(silu(x W_gate) * x W_value); widths: parameter counts
@@ -347,18 +358,15 @@ def test_block_parts_embeddings_and_unpatchify_match_their_definitions():
     h = x + gate1 * block.mixer(norm(x) * (1 + scale1) + shift1)
     want = h + gate2 * block.mlp(norm(h) * (1 + scale2) + shift2)
     torch.testing.assert_close(dig.AdaLNZeroBlock.forward(block, x, c), want)
-    side, freqs = 3, [1.0, 0.01]                    # dim 8: two frequencies, 10000^(-i/2), per axis
-    pe = dig.sincos_pos_embed(8, side)
-    for r, c in np.ndindex(side, side):
-        want = [f(a * w) for a in (c, r) for f in (math.sin, math.cos) for w in freqs]   # column, then row
-        torch.testing.assert_close(pe[r * side + c], torch.tensor(want), atol=1e-6, rtol=0)
-    emb, seen = dig.TimestepEmbedder(32), []       # timestep features: cos, then sin
-    emb.mlp[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-    emb(torch.tensor([0, 1, 7, 999]))
+    freqs = [1.0, 0.01]                   # dim 8: two frequencies, 10000^(-i/2), per axis; the column, then the row
+    want = [[f(a * w) for a in (c, r) for f in (math.sin, math.cos) for w in freqs] for r, c in np.ndindex(3, 3)]
+    torch.testing.assert_close(dig.sincos_pos_embed(8, 3), torch.tensor(want), atol=1e-6, rtol=0)
+    emb = dig.TimestepEmbedder(32)
+    emb.mlp = torch.nn.Identity()                  # the timestep features alone: cos, then sin
     freqs = [math.exp(-math.log(10000) * i / 128) for i in range(128)]
     want = [[math.cos(s * f) for f in freqs] + [math.sin(s * f) for f in freqs] for s in (0, 1, 7, 999)]
     # float32 angles up to 999: their rounding, 999 * 2^-24 = 6e-5, shows in sin and cos; 2e-4 leaves room.
-    torch.testing.assert_close(seen[0], torch.tensor(want), atol=2e-4, rtol=0)
+    torch.testing.assert_close(emb(torch.tensor([0, 1, 7, 999])), torch.tensor(want), atol=2e-4, rtol=0)
     # The first block sees each patch's embedding plus its position; unpatchify puts every value in its pixel.
     model, E, p, D, seen = tiny_dig(in_channels=3), 4, 2, 64, []            # learned sigma: 6 output channels
     model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
@@ -376,12 +384,9 @@ def test_block_parts_embeddings_and_unpatchify_match_their_definitions():
 
 def expected_params(kind, depth, D, heads, patch, in_channels, out_channels, num_classes, side):
     """The parameter count of DiG or DiT, summed layer by layer from their description."""
-    trunk = (in_channels * patch * patch * D + D          # patch embedding (conv with bias)
-             + side * side * D                             # frozen sin-cos position embedding
-             + (256 * D + D) + (D * D + D)                 # timestep MLP
-             + (num_classes + 1) * D                       # label table with the null row
-             + (D * 2 * D + 2 * D)                         # final adaLN
-             + D * patch * patch * out_channels + patch * patch * out_channels)   # final Linear
+    trunk = (in_channels * patch * patch * D + D + side * side * D    # patch embedding (conv, bias), frozen positions
+             + (256 * D + D) + (D * D + D) + (num_classes + 1) * D    # timestep MLP, label table with the null row
+             + (D * 2 * D + 2 * D) + (D + 1) * patch * patch * out_channels)   # final adaLN and Linear (bias)
     adaln = D * 6 * D + 6 * D
     if kind == "DiG":
         hidden = 256 * math.ceil(int(8 * D / 3) / 256)
@@ -418,12 +423,10 @@ def test_parameter_counts(size, kind):
 def test_label_dropout_guidance_dit_attention_variants_and_bad_inputs():
     def dropped(emb, n):   # the share of n labels 0 that come out as the null label's row (10)
         return (emb(torch.zeros(n, dtype=torch.long)) == emb.embedding_table.weight[10]).all(1).float().mean()
-    emb = tiny_dig(class_dropout_prob=0.5).y_embedder
-    assert dropped(emb.eval(), 1000) == 0 and 0.4 < dropped(emb.train(), 1000) < 0.6   # training mode only
+    emb = tiny_dig(class_dropout_prob=0.1).y_embedder     # p = 0.1: "dropped with probability 1 - p" fails
+    assert dropped(emb.eval(), 1000) == 0 and 0.07 < dropped(emb.train(), 4000) < 0.13   # training mode only
     forced, table = emb(torch.tensor([1, 2]), force_drop_ids=torch.tensor([1, 0])), emb.embedding_table.weight
     assert torch.equal(forced[0], table[10]) and torch.equal(forced[1], table[2])
-    # At 0.1 too: at 0.5 "dropped with probability p" and "with probability 1 - p" look the same.
-    assert 0.07 < dropped(tiny_dig(class_dropout_prob=0.1).y_embedder.train(), 4000) < 0.13
     # forward_with_cfg guides all channels of eps, and leaves v alone. (The null label is a valid input.)
     model = randomize_(tiny_dig()).eval()
     x, t, y = model_inputs(model, n=2)
@@ -481,11 +484,24 @@ def on_path(x0, e, t):
     return math.sqrt(ABAR[t]) * x0 + math.sqrt(1 - ABAR[t]) * e
 
 
-def test_schedule_forward_process_posterior_and_kl_match_closed_forms():
+def test_schedule_respacing_forward_process_posterior_and_kl_match_closed_forms():
     np.testing.assert_allclose(DIFFUSION.betas, BETA, rtol=1e-12)
     np.testing.assert_allclose(DIFFUSION.alphas_cumprod, ABAR, rtol=1e-10)
-    # A landmark: sum(beta) = 10.05, so abar_999 = exp(-10.05 - sum(beta^2)/2 - ...) is about 4.04e-5.
-    assert DIFFUSION.num_timesteps == 1000 and 4.0e-5 < DIFFUSION.alphas_cumprod[999] < 4.1e-5
+    # Respaced, the process keeps the marginals q(x_t | x0) of the steps it keeps.
+    for spacing, count in [("", 1000), ("250", 250), ("ddim50", 50), ("10,20,5", 35), ([4, 4], 8), ("1000", 1000)]:
+        spaced = dig.create_diffusion(spacing)
+        kept = spaced.timestep_map
+        assert spaced.num_timesteps == count == len(set(kept.tolist())) and np.all(np.diff(kept) > 0)
+        np.testing.assert_allclose(spaced.alphas_cumprod, DIFFUSION.alphas_cumprod[kept], rtol=1e-12)
+    with pytest.raises(ValueError):
+        dig.create_diffusion("2000")
+    # IDDPM's rule by hand: count steps at positions i * (size - 1) / (count - 1), rounded half to even
+    # (Python's round): 99/6 = 16.5 per step puts 16.5 -> 16, 49.5 -> 50, 82.5 -> 82.
+    assert dig.space_timesteps(1000, "3") == [0, 500, 999] and dig.space_timesteps(1000, "4") == [0, 333, 666, 999]
+    assert dig.space_timesteps(100, "7") == [0, 16, 33, 50, 66, 82, 99]
+    assert dig.space_timesteps(100, "2,3") == [0, 49, 50, 74, 99]    # two sections of 50: 0..49 and 50..99
+    assert dig.space_timesteps(1000, "ddim4") == [0, 250, 500, 750]
+    assert dig.space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
     # q_sample with its own noise (with given noise: the loss test's perfect model needs x_t exactly on_path).
     xt = DIFFUSION.q_sample(torch.full((20000, 1, 1, 1), 0.7), torch.full((20000,), 300))
     assert xt.mean().item() == pytest.approx(on_path(0.7, 0, 300), abs=0.03)
@@ -556,30 +572,8 @@ def test_loss_is_the_mse_plus_the_bound_in_bits_which_trains_only_a_learned_vari
     log_var = DIFFUSION._p_from_output(torch.zeros(4, 1, 1, 1), torch.zeros(4, 1, 1, 1), t)["log_variance"].flatten()
     want = torch.tensor([math.log(posterior_variance_1)] + [math.log(BETA[s]) for s in (1, 500, 999)])
     torch.testing.assert_close(log_var, want, rtol=1e-5, atol=0)
-    model = randomize_(tiny_dig(in_channels=3, learn_sigma=False), std=0.05).eval()
-    x, t, y = model_inputs(model, n=2)
-    losses = DIFFUSION.training_losses(model, x, t, {"y": y})
-    assert torch.equal(losses["vb"], torch.zeros(2)) and torch.equal(losses["loss"], losses["mse"])
-    out = dig.sample(model, y, steps=5, cfg_scale=2.0)
-    assert out.shape == x.shape and torch.isfinite(out).all()
-
-
-def test_respacing_keeps_the_marginals():
-    for spacing, count in [("250", 250), ("ddim50", 50), ("10,20,5", 35), ([4, 4], 8), ("1000", 1000)]:
-        spaced = dig.create_diffusion(spacing)
-        kept = spaced.timestep_map
-        assert spaced.num_timesteps == count == len(set(kept.tolist())) and np.all(np.diff(kept) > 0)
-        np.testing.assert_allclose(spaced.alphas_cumprod, DIFFUSION.alphas_cumprod[kept], rtol=1e-12)
-    np.testing.assert_allclose(dig.create_diffusion("1000").betas, DIFFUSION.betas, rtol=1e-10)
-    with pytest.raises(ValueError):
-        dig.create_diffusion("2000")
-    # IDDPM's rule by hand: count steps at positions i * (size - 1) / (count - 1), rounded half to even
-    # (Python's round): 99/6 = 16.5 per step puts 16.5 -> 16, 49.5 -> 50, 82.5 -> 82.
-    assert dig.space_timesteps(1000, "3") == [0, 500, 999] and dig.space_timesteps(1000, "4") == [0, 333, 666, 999]
-    assert dig.space_timesteps(100, "7") == [0, 16, 33, 50, 66, 82, 99]
-    assert dig.space_timesteps(100, "2,3") == [0, 49, 50, 74, 99]    # two sections of 50: 0..49 and 50..99
-    assert dig.space_timesteps(1000, "ddim4") == [0, 250, 500, 750]
-    assert dig.space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
+    losses = DIFFUSION.training_losses(constant_model(torch.randn(4, 3, 4, 4)), torch.randn(4, 3, 4, 4), t)
+    assert torch.equal(losses["vb"], torch.zeros(4)) and torch.equal(losses["loss"], losses["mse"])
 
 
 class PerfectModel(torch.nn.Module):
@@ -625,10 +619,9 @@ def test_ddim_with_noise_and_ddpm_take_the_steps_of_their_formulas(seed):
     torch.manual_seed(seed + 1)                                   # other global RNG state: must not matter
     assert torch.equal(a, dig.sample(model, labels, steps=10, sampler="ddim", noise=noise))
     model.seen.clear()
-    c = dig.sample(model, labels, steps=10, sampler="ddim", noise=noise, eta=1.0)
-    # eta = 1 adds fresh noise on the way (the implied eps changes from step to step) but still ends at x0.
+    dig.sample(model, labels, steps=10, sampler="ddim", noise=noise, eta=1.0)
+    # eta = 1 adds fresh noise on the way: the implied eps changes from step to step (the formula: below).
     assert not torch.allclose(model.seen[5][2], model.seen[4][2], atol=1e-2)
-    torch.testing.assert_close(c, model.table[labels].float(), atol=1e-5, rtol=0)
     # Two steps with large betas (0.3, 0.5), eps = the constant e, x_1 = a, eta = 1: the step 1 -> 0 draws
     # x_0' = sqrt(abar_0) x0^ + sqrt(1 - abar_0 - s2) e + sqrt(s2) z, s2 = (1 - abar_0) / (1 - abar_1) (1 - abar_1
     # / abar_0), and the last step returns (x_0' - sqrt(1 - abar_0) e) / sqrt(abar_0). 90,000 pixels' moments.
@@ -675,16 +668,14 @@ def test_guidance_mixes_the_two_predictions(sampler, seed):
 
 
 def test_sampling_a_real_model(seed):
-    model, labels = randomize_(tiny_dig(in_channels=3), std=0.05).eval(), torch.tensor([0, 5, 9])
-    a = dig.sample(model, labels, steps=20, generator=torch.Generator().manual_seed(seed))
-    assert a.shape == (3, 3, 8, 8) and torch.isfinite(a).all()
-    assert torch.equal(a, dig.sample(model, labels, steps=20, generator=torch.Generator().manual_seed(seed)))
+    model, labels = randomize_(tiny_dig(in_channels=3, learn_sigma=False), std=0.05).eval(), torch.tensor([0, 5, 9])
+    draw = lambda: dig.sample(model, labels, steps=20, cfg_scale=2.0, generator=torch.Generator().manual_seed(seed))
+    assert (a := draw()).shape == (3, 3, 8, 8) and torch.isfinite(a).all() and torch.equal(a, draw())   # reproducible
     for bad, message in [(dict(sampler="euler"), "sampler"), (dict(noise=torch.randn(1, 3, 4, 4)), "noise")]:
         with pytest.raises(ValueError, match=message):
             dig.sample(model, labels, steps=5, **bad)
     # Initial noise goes where the weights are, also for bound methods and (as dig.GraphedDenoiser) mere .parameters().
-    with torch.device("meta"):
-        net = tiny_dig()
+    net = tiny_dig().to("meta")
     wrapper = types.SimpleNamespace(parameters=net.parameters)
     for model in (net, wrapper, types.MethodType(lambda self, *args: None, wrapper), net.forward_with_cfg):
         assert DIFFUSION._initial_noise(model, (1, 4, 8, 8), None, None, None).device.type == "meta"
@@ -705,8 +696,7 @@ def test_compiled_blocks_match_eager(monkeypatch):
         compiled = dig.compile_blocks(copy.deepcopy(model))
         x, t, y = model_inputs(model)
         out, out_compiled = model(x, t, y), compiled(x, t, y)
-        out.square().sum().backward()
-        out_compiled.square().sum().backward()
+        (out.square().sum() + out_compiled.square().sum()).backward()
         assert_close("output", out_compiled, out, FP32_TOL)
         for (name, p), p_compiled in zip(model.named_parameters(), compiled.parameters()):
             if p.grad is not None:
@@ -845,13 +835,7 @@ def poison_step_5(monkeypatch):
     return real
 
 
-def tiny_setup(batch_size=8, n=32, side=32):
-    args, _ = train_tiny.parse_args(TINY + ["--steps", "1", "--batch-size", str(batch_size)])
-    images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8)
-    return args, train_tiny.Data(images, torch.arange(n) % 10, False, 10)
-
-
-def test_schedules_update_ema_and_the_train_step_are_the_textbook_recipe():
+def test_schedules_batches_update_ema_and_the_train_step_are_the_textbook_recipe():
     args = train_tiny.argparse.Namespace(lr=1e-3, warmup=4, decay=0.0)
     lr = lambda step, done=0.0: train_tiny.learning_rate(step, done, args)
     assert [lr(s) for s in range(6)] + [lr(9, 1.0)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4] + [1e-3] * 4)
@@ -860,6 +844,27 @@ def test_schedules_update_ema_and_the_train_step_are_the_textbook_recipe():
     args.warmup = 0
     assert [lr(0), lr(10 ** 6, 0.875)] == pytest.approx([1e-3, 5e-4])
     assert [train_tiny.ema_decay(s, 0.9995) for s in (0, 8, 10 ** 6)] == pytest.approx([0.1, 0.5, 0.9995])
+    args = train_tiny.parse_args(TINY + ["--steps", "1"])[0]      # every process draws its slice of one batch
+    data = train_tiny.Data(torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8), torch.arange(32) % 10, False, 10)
+    one = train_tiny.draw_batch(data, 5, args, 0, 1, torch.Generator())
+    halves = [train_tiny.draw_batch(data, 5, args, r, 2, torch.Generator()) for r in (0, 1)]
+    for k in one:
+        assert torch.equal(one[k], torch.cat([h[k] for h in halves])), k
+    again, other = (train_tiny.draw_batch(data, step, args, 0, 1, torch.Generator()) for step in (5, 6))
+    assert all(torch.equal(one[k], again[k]) for k in one) and not torch.equal(one["noise"], other["noise"])
+    epochs = [torch.cat([train_tiny.batch_indices(s, 32, 8, 0) for s in range(4 * e, 4 * e + 4)]) for e in (0, 1)]
+    assert sorted(epochs[0].tolist()) == list(range(32)) and not torch.equal(*epochs)   # each once, then reshuffled
+    n, wide = 2000, train_tiny.argparse.Namespace(**{**vars(args), "batch_size": 2000})
+    big = train_tiny.Data(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8), torch.arange(n) % 10, False, 10)
+    batch = train_tiny.draw_batch(big, 0, wide, 0, 1, torch.Generator())
+    x = big.x[train_tiny.batch_indices(0, n, n, wide.seed)].float() / 127.5 - 1
+    same, mirrored = ((batch["x"] == image).flatten(1).all(1) for image in (x, x.flip(3)))
+    # Binomial(2000, p): standard deviations 0.011 (p = 0.5) and 0.0067 (p = 0.1); the bounds are 4 and 3.7 of them.
+    assert (same | mirrored).all() and 0.455 < mirrored.float().mean() < 0.545
+    assert 0.075 < batch["drop"].float().mean() < 0.125                                # CLASS_DROPOUT = 0.1
+    latents = train_tiny.Data(big.x.float(), big.y, True, 10)                         # latents are never flipped
+    assert torch.equal(train_tiny.draw_batch(latents, 0, wide, 0, 1, torch.Generator())["x"],
+                       big.x.float()[train_tiny.batch_indices(0, n, n, wide.seed)])
     # update_ema is exact at decay 0 (a copy of the model) and 1 (frozen); at 0.9 the train step below checks it.
     model, ema, other = (list(randomize_(tiny_dig(), seed=s).parameters()) for s in (1, 2, 3))
     for decay, target in ((0.0, model), (1.0, other)):
@@ -867,7 +872,6 @@ def test_schedules_update_ema_and_the_train_step_are_the_textbook_recipe():
         assert all(map(torch.equal, ema, model))
     # TrainStep's flat gradient buffer, its clipping and its EMA give what the textbook calls do. Losses are
     # computed alike (equal); the gradient norm is summed in another order (pairwise: log2(n) u = 1.2e-6 of it).
-    args, data = tiny_setup()
     model, ema, opt, _, _ = train_tiny.build_run(args, None, train_tiny.data_shape(data), torch.device("cpu"))
     ref, ref_ema = copy.deepcopy(model), copy.deepcopy(ema)
     batch = train_tiny.draw_batch(data, 0, args, 0, 1, torch.Generator())
@@ -890,55 +894,6 @@ def test_schedules_update_ema_and_the_train_step_are_the_textbook_recipe():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_draw_batch_slices_one_global_batch_flips_images_and_drops_labels():
-    args, data = tiny_setup()                                     # every process draws its slice of one batch
-    one = train_tiny.draw_batch(data, 5, args, 0, 1, torch.Generator())
-    halves = [train_tiny.draw_batch(data, 5, args, r, 2, torch.Generator()) for r in (0, 1)]
-    for k in one:
-        assert torch.equal(one[k], torch.cat([h[k] for h in halves])), k
-    again, other = (train_tiny.draw_batch(data, step, args, 0, 1, torch.Generator()) for step in (5, 6))
-    assert all(torch.equal(one[k], again[k]) for k in one) and not torch.equal(one["noise"], other["noise"])
-    epochs = [torch.cat([train_tiny.batch_indices(s, 32, 8, 0) for s in range(4 * e, 4 * e + 4)]) for e in (0, 1)]
-    assert sorted(epochs[0].tolist()) == list(range(32)) and not torch.equal(*epochs)   # each once, then reshuffled
-    n = 2000
-    args, data = tiny_setup(batch_size=n, n=n, side=8)
-    batch = train_tiny.draw_batch(data, 0, args, 0, 1, torch.Generator())
-    x = data.x[train_tiny.batch_indices(0, n, n, args.seed)].float() / 127.5 - 1
-    same, mirrored = ((batch["x"] == image).flatten(1).all(1) for image in (x, x.flip(3)))
-    # Binomial(2000, p): standard deviations 0.011 (p = 0.5) and 0.0067 (p = 0.1); the bounds are 4 and 3.7 of them.
-    assert (same | mirrored).all() and 0.455 < mirrored.float().mean() < 0.545
-    assert 0.075 < batch["drop"].float().mean() < 0.125                                # CLASS_DROPOUT = 0.1
-    latents = train_tiny.Data(data.x.float(), data.y, True, 10)                       # latents are never flipped
-    assert torch.equal(train_tiny.draw_batch(latents, 0, args, 0, 1, torch.Generator())["x"],
-                       data.x.float()[train_tiny.batch_indices(0, n, n, args.seed)])
-
-
-def test_small_dig_overfits_a_batch_only_token_mixing_can_fit():
-    # The 8 noisy inputs x_t are the same image except for its top-left patch, each with its own noise eps
-    # everywhere. With the depthwise convs frozen at the identity, GLA is the only way from the top-left patch
-    # to the other 15 tokens: without it the best MSE is the mean of the 8 targets, 7/8 * 15/16 = 0.82.
-    model = tiny_dig(input_size=8, class_dropout_prob=0.0)
-    for block in model.blocks:
-        block.dwconv.requires_grad_(False)
-    x_t = torch.randn(1, 4, 8, 8).repeat(8, 1, 1, 1)
-    x_t[:, :, :2, :2] = torch.randn(8, 4, 2, 2)            # the only difference between the 8 inputs
-    noise, t, y = torch.randn(8, 4, 8, 8), torch.full((8,), 500), torch.full((8,), 3)
-    abar = DIFFUSION.alphas_cumprod[500]
-    x0 = (x_t - math.sqrt(1 - abar) * noise) / math.sqrt(abar)   # so that q_sample(x0, t, noise) is x_t
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0)
-    mses = []
-    for step in range(150):
-        losses = DIFFUSION.training_losses(model, x0, t, {"y": y}, noise=noise)
-        opt.zero_grad()
-        losses["loss"].mean().backward()
-        opt.step()
-        mses.append(losses["mse"].mean().item())
-        if step == 2:   # zero-initialised layers pass no gradient on at first; from step 3 on every one learns
-            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
-    assert mses[0] == pytest.approx(1.0, abs=0.3)           # the model outputs 0 at init: MSE = E[noise^2]
-    assert mses[-1] < mses[0] / 100, f"MSE {mses[0]:.3f} -> {mses[-1]:.3f}"
-
-
 def test_a_run_writes_what_it_says_and_resumed_after_its_end_or_a_nan_matches_the_uninterrupted_run(
         reference, cifar_dir, tmp_path, monkeypatch):
     out, result = reference
@@ -950,14 +905,12 @@ def test_a_run_writes_what_it_says_and_resumed_after_its_end_or_a_nan_matches_th
     assert sizes == [(10 * 34 + 2, 10 * 34 + 2)] * 2 + [(640, 360)]
     assert ckpt["model"]["final_layer.linear.weight"].abs().max() > 0      # it trained
     assert not torch.equal(ckpt["model"]["final_layer.linear.weight"], ckpt["ema"]["final_layer.linear.weight"])
-    split = tmp_path / "split"
-    train(cifar_dir, split, "--steps", "5", "--ckpt-every", "4")
+    train(cifar_dir, split := tmp_path / "split", "--steps", "5", "--ckpt-every", "4")
     train_tiny.main(["--resume", str(split), "--steps", "12"])
     assert_same_run(split, out)
     # A NaN loss at step 5 stops the run and keeps the last good checkpoint, of step 4; resumed, the run (with a
     # decaying rate, which depends on the budget) matches an uninterrupted one.
-    decayed = tmp_path / "decayed"
-    train(cifar_dir, decayed, "--steps", "12", "--decay", "0.5")
+    train(cifar_dir, decayed := tmp_path / "decayed", "--steps", "12", "--decay", "0.5")
     real, out = poison_step_5(monkeypatch), str(tmp_path / "nan")
     with pytest.raises(SystemExit, match=r"(?s)nan.*step 5.*step 4"):
         train(cifar_dir, out, "--steps", "12", "--decay", "0.5", "--ckpt-every", "2")
@@ -969,10 +922,9 @@ def test_a_run_writes_what_it_says_and_resumed_after_its_end_or_a_nan_matches_th
 
 
 def test_time_budget_stops_the_run_a_new_budget_extends_it_and_the_ema_follows_its_schedule(cifar_dir, tmp_path):
-    out = str(tmp_path / "timed")
     assert train(cifar_dir, tmp_path / "none", "--minutes", "0")["step"] == 0   # a budget of 0: nothing to do
-    assert train(cifar_dir, out, "--minutes", "1e-6")["step"] == 1   # out of time after the first step;
-    assert os.path.exists(os.path.join(out, "ckpt.pt")) and os.path.exists(os.path.join(out, "samples_0000001.png"))
+    out = str(tmp_path / "timed")                   # out of time after the first step, saved with its sample grid
+    assert train(cifar_dir, out, "--minutes", "1e-6")["step"] == 1 and os.path.exists(f"{out}/samples_0000001.png")
     # After one step the EMA is 0.1 initial + 0.9 model (decay: ema_decay(0, 0.9) = 0.1), initial rebuilt from the seed.
     args, ckpt = train_tiny.parse_args(["--resume", out])
     initial = train_tiny.build_run(args, None, ckpt["data"], torch.device("cpu"))[0].state_dict()
@@ -982,8 +934,6 @@ def test_time_budget_stops_the_run_a_new_budget_extends_it_and_the_ema_follows_i
     assert train_tiny.main(["--resume", out, "--steps", "3", "--ema", "0"])["step"] == 3
     assert train_tiny.main(["--resume", out])["step"] == 3                     # and is saved
     torch.testing.assert_close(load(out, "ema"), load(out), rtol=0, atol=0)
-    with pytest.raises(SystemExit, match="already holds a run"):     # a new run never starts over an old one
-        train(cifar_dir, out, "--steps", "1")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)])   # cuda: the default GPU mode
@@ -1032,11 +982,9 @@ def test_two_processes_train_what_one_does_and_a_failure_in_one_stops_both(refer
     script = tmp_path / "fail.py"
     script.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport train_tiny\n"
                       f"train_tiny.CIFAR_URL = {(tmp_path / 'missing.tar.gz').as_uri()!r}\ntrain_tiny.main()\n")
-    start = time.time()
     output, code = finish(start_training(TINY + ["--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "run"),
                                                  "--steps", "2"], script=str(script), processes=2), 60)
-    assert code != 0 and time.time() - start < 60
-    assert "process 0 failed, so process 1 stops too" in output and "downloading it failed" in output
+    assert code != 0 and "process 0 failed, so process 1 stops too" in output and "downloading it failed" in output
 
 
 # --- stopping and crashing: real signals to a training process --------------------------------------------
@@ -1049,20 +997,6 @@ def read_until(proc, text):
         if text in line:
             return "".join(lines)
     raise AssertionError(f"the child ended before printing {text!r}:\n" + "".join(lines)[-3000:])
-
-
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_a_signal_writes_a_checkpoint_and_the_resumed_run_matches(reference, cifar_dir, tmp_path, sig):
-    out = str(tmp_path / "stopped")
-    proc = start_training(TINY + ["--data-dir", cifar_dir, "--out", out, "--steps", "100000"])
-    read_until(proc, "step 3/")
-    os.kill(proc.pid, getattr(signal, sig))
-    rest, code = finish(proc, 60)
-    assert code == 128 + getattr(signal, sig), rest     # not 0: the run did not finish
-    reached = load(out, "step")
-    assert 3 <= reached < 12 and f"stopped by {sig} after step {reached}" in rest and f"--resume {out}" in rest
-    train_tiny.main(["--resume", out, "--steps", "12"])
-    assert_same_run(out, reference[0])
 
 
 # A child (run in this folder, so it imports train_tiny) that replaces torch.save (the production code has no hook
@@ -1084,22 +1018,31 @@ train_tiny.main(sys.argv[1:])
 """
 
 
-def test_sigkill_at_a_random_moment_or_while_writing_a_checkpoint_loses_nothing(reference, cifar_dir, tmp_path):
-    out, argv = str(tmp_path / "killed"), TINY + ["--data-dir", cifar_dir, "--ckpt-every", "1", "--steps", "12"]
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGKILL"])
+def test_a_signal_at_any_moment_loses_nothing_and_the_resumed_run_matches(reference, cifar_dir, tmp_path, sig):
+    # SIGTERM and SIGINT write a checkpoint and say how to resume. SIGKILL at a random moment after step 3 (mid-step
+    # or mid-checkpoint: one every step), then while a checkpoint is half written, leaves the last intact one.
+    out, kill = str(tmp_path / "stopped"), sig == "SIGKILL"
+    argv = TINY + ["--data-dir", cifar_dir, "--steps", "100000"] + ["--ckpt-every", "1"] * kill
     proc = start_training(argv + ["--out", out])
-    read_until(proc, "step 2/")                     # then somewhere after it: mid-step or mid-checkpoint
-    time.sleep(random.Random(0).uniform(0, 0.05))
-    proc.kill()
-    assert finish(proc, 60)[1] == -signal.SIGKILL   # killed, not ended on its own
-    reached = train_tiny.load_checkpoint(out)[1]["step"]   # always an intact checkpoint
-    proc = start_training(argv + ["--resume", out], code=HALF_WRITTEN_SAVE)
-    read_until(proc, "HALF WRITTEN")                # writing the checkpoint of step reached + 2
-    proc.kill()
-    assert finish(proc, 60)[1] == -signal.SIGKILL
-    with pytest.raises(Exception):    # the half-written file is garbage ...
-        torch.load(os.path.join(out, "ckpt.pt.tmp"), weights_only=True)
-    assert train_tiny.load_checkpoint(out)[1]["step"] == reached + 1   # ... and the checkpoint before it intact
-    assert train_tiny.main(["--resume", out])["step"] == 12
+    read_until(proc, "step 3/")
+    time.sleep(random.Random(0).uniform(0, 0.05) * kill)
+    os.kill(proc.pid, getattr(signal, sig))
+    rest, code = finish(proc, 60)
+    reached = train_tiny.load_checkpoint(out)[1]["step"]   # an intact checkpoint
+    if not kill:
+        assert code == 128 + getattr(signal, sig), rest     # not 0: the run did not finish
+        assert 3 <= reached < 12 and f"stopped by {sig} after step {reached}" in rest and f"--resume {out}" in rest
+    else:
+        assert code == -signal.SIGKILL and reached < 12     # killed, not ended on its own
+        proc = start_training(argv + ["--resume", out], code=HALF_WRITTEN_SAVE)
+        read_until(proc, "HALF WRITTEN")                    # writing the checkpoint of step reached + 2
+        proc.kill()
+        assert finish(proc, 60)[1] == -signal.SIGKILL
+        with pytest.raises(Exception):    # the half-written file is garbage ...
+            torch.load(os.path.join(out, "ckpt.pt.tmp"), weights_only=True)
+        assert train_tiny.load_checkpoint(out)[1]["step"] == reached + 1   # ... and the checkpoint before it intact
+    assert train_tiny.main(["--resume", out, "--steps", "12"])["step"] == 12
     assert_same_run(out, reference[0])
 
 
@@ -1117,10 +1060,9 @@ def test_bad_settings_and_checkpoints_are_refused_before_anything_is_built(refer
             with pytest.raises(SystemExit):
                 train_tiny.main(base + [flag])
             assert f"{flag.split('=')[0]}: {message}" in capsys.readouterr().err, flag
-    truncated = tmp_path / "ckpt.pt"
-    truncated.write_bytes(open(os.path.join(reference[0], "ckpt.pt"), "rb").read()[:5000])
-    for argv, message in [(["--depth", "6"], "of 4"), (["--model", "DiG-Q/2"], "unknown model"),
-                          (["--out", os.path.join(HERE, "README.md")], "is a file"),
+    (truncated := tmp_path / "ckpt.pt").write_bytes(open(os.path.join(reference[0], "ckpt.pt"), "rb").read()[:5000])
+    for argv, message in [(["--model", "DiG-Q/2"], "unknown model"), (["--out", reference[0]], "already holds a run"),
+                          (["--out", os.path.join(HERE, "README.md")], "is a file"), (["--depth", "6"], "of 4"),
                           (["--resume", str(truncated), "--steps", "5"], "truncated or corrupt"),
                           (["--resume", str(tmp_path / "missing.pt"), "--steps", "5"], "does not exist"),
                           (["--resume", reference[0], "--model", "DiT-S/4"], "continues that network")]:
@@ -1145,15 +1087,12 @@ def test_cifar_and_latents_loaders_read_their_layouts_and_say_what_is_wrong(tmp_
         assert torch.equal(x.reshape(200, -1), torch.from_numpy(data))   # rows: 1024 red, green, then blue values
     with pytest.raises(SystemExit, match="cifar-10-batches-py"):
         train_tiny.load_cifar10(str(tmp_path / "nowhere"))
-    monkeypatch.setattr(train_tiny, "CIFAR_URL", (tmp_path / "no-such-archive.tar.gz").as_uri())
-    with pytest.raises(SystemExit, match="DATA_DIR"):
-        train_tiny.download_cifar10(str(tmp_path / "data"))
-    fake = tmp_path / "fake.tar.gz"
-    with tarfile.open(fake, "w:gz") as tar:
+    with tarfile.open(fake := tmp_path / "fake.tar.gz", "w:gz") as tar:
         tar.add(__file__, arcname="cifar-10-batches-py/data_batch_1")
-    monkeypatch.setattr(train_tiny, "CIFAR_URL", fake.as_uri())
-    with pytest.raises(SystemExit, match="MD5"):
-        train_tiny.download_cifar10(str(tmp_path / "data"))
+    for archive, message in [(tmp_path / "no-such-archive.tar.gz", "DATA_DIR"), (fake, "MD5")]:   # missing, or wrong
+        monkeypatch.setattr(train_tiny, "CIFAR_URL", archive.as_uri())
+        with pytest.raises(SystemExit, match=message):
+            train_tiny.download_cifar10(str(tmp_path / "data"))
     assert not (tmp_path / "data" / "cifar-10-batches-py").exists()     # nothing extracted from a bad archive
     bad = tmp_path / "ok" / "cifar-10-batches-py" / "data_batch_2"
     bad.write_bytes(bad.read_bytes()[:1000])
@@ -1175,11 +1114,10 @@ def test_cifar_and_latents_loaders_read_their_layouts_and_say_what_is_wrong(tmp_
 
 def test_save_grid_shows_pixels_as_they_are_and_progress_reports_speed_and_time_left(tmp_path, capsys):
     pixels = torch.rand(3, 3, 4, 4) * 2 - 1
-    for x in (pixels, train_tiny.to_uint8(pixels)):          # [-1, 1] floats, or uint8 already
-        train_tiny.save_grid(x, str(tmp_path / "g.png"), ncol=2)
-        grid = np.asarray(Image.open(tmp_path / "g.png"))
-        assert grid.shape == (2 * 6 + 2, 2 * 6 + 2, 3) and (grid[:2] == 255).all()
-        assert np.array_equal(grid[8:12, 2:6], train_tiny.to_uint8(pixels[2]).permute(1, 2, 0).numpy())
+    train_tiny.save_grid(pixels, str(tmp_path / "g.png"), ncol=2)       # [-1, 1] floats (uint8: the judge's test)
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (2 * 6 + 2, 2 * 6 + 2, 3) and (grid[:2] == 255).all()
+    assert np.array_equal(grid[8:12, 2:6], train_tiny.to_uint8(pixels[2]).permute(1, 2, 0).numpy())
     assert train_tiny.to_uint8(torch.tensor([-2.0, -1.0, 0.0, 1.0])).tolist() == [0, 0, 128, 255]
     # Progress prints the interval's mean loss, its speed, and the time left at that speed.
     log = train_tiny.Progress(train_tiny.argparse.Namespace(out=str(tmp_path), minutes=None, steps=100, batch_size=8),
@@ -1195,12 +1133,11 @@ def test_save_grid_shows_pixels_as_they_are_and_progress_reports_speed_and_time_
 # =========================================================================================================
 # 7. results/judge.py: samples from a finished run, and the ResNet-56 judge
 
-def test_samples_from_a_finished_run_and_the_judge_of_a_run(reference, cifar_dir, tmp_path, monkeypatch, capsys):
+def test_samples_from_a_finished_run_and_the_judge_of_a_run(reference, tmp_path, monkeypatch, capsys):
     # No CIFAR-10 is needed without --classifier (no data folder, no download); the .npz holds the images, the
     # PNG shows the first of them pixel for pixel; another guidance scale writes other files.
     monkeypatch.setattr(train_tiny, "CIFAR_URL", (tmp_path / "missing.tar.gz").as_uri())
-    run = tmp_path / "run"
-    run.mkdir()
+    (run := tmp_path / "run").mkdir()
     (run / "ckpt.pt").write_bytes(open(os.path.join(reference[0], "ckpt.pt"), "rb").read())
     results = [judge.main([str(run), "--samples", "12", "--data-dir", str(tmp_path / "gone"), "--cfg-scale", scale])
                for scale in ("3", "1.5")]
@@ -1210,25 +1147,20 @@ def test_samples_from_a_finished_run_and_the_judge_of_a_run(reference, cifar_dir
     with np.load(results[0]["npz"]) as f:
         images, labels = f["images"], f["labels"]
     assert images.dtype == np.uint8 and images.shape == (12, 32, 32, 3) and labels.tolist() == list(range(10)) + [0, 1]
-    grid = np.asarray(Image.open(results[0]["npz"][:-4] + ".png"))
-    assert grid.shape == (2 * 34 + 2, 10 * 34 + 2, 3)
-    for i in range(12):
-        r, c = divmod(i, 10)
-        assert np.array_equal(grid[2 + 34 * r:34 + 34 * r, 2 + 34 * c:34 + 34 * c], images[i]), i
+    grid = np.asarray(Image.open(results[0]["npz"][:-4] + ".png"))      # 2 rows of 10 tiles, 2 pixels apart
+    tiles = grid[2:, 2:].reshape(2, 34, 10, 34, 3)[:, :32, :, :32].transpose(0, 2, 1, 3, 4).reshape(20, 32, 32, 3)
+    assert grid.shape == (2 * 34 + 2, 10 * 34 + 2, 3) and np.array_equal(tiles[:12], images)
     assert load(run, "step") == 12 and not (run / "log.csv").exists()   # nothing trained
     # --classifier judges them against the run's training images (random weights: only the pipeline is tested).
-    path = tmp_path / "r56.th"
-    torch.save(judge.ResNet56().state_dict(), path)
-    out = str(tmp_path / "judged")
-    train(cifar_dir, out, "--steps", "1")
-    result = judge.main([out, "--samples", "20", "--classifier", str(path)])
-    scores = json.loads((tmp_path / "judged" / "eval_0000001_n20_cfg3_ddpm2.json").read_text())
+    torch.save(judge.ResNet56().state_dict(), path := tmp_path / "r56.th")
+    result = judge.main([str(run), "--samples", "20", "--classifier", str(path)])
+    scores = json.loads((run / "eval_0000012_n20_cfg3_ddpm2.json").read_text())
     assert scores["samples"] == 20 and len(scores["per_class"]) == 10 and 0 <= scores["accuracy"] <= 1
     assert scores["frechet_distance"] == pytest.approx(result["frechet_distance"]) and scores["frechet_distance"] > 0
     for argv, message in [(["--samples", "0"], "--samples: must be at least 1"), (["--bogus"], "unrecognized"),
                           (["--classifier", str(tmp_path / "none.th")], "no such file")]:
         with pytest.raises(SystemExit) as stop:
-            judge.main([out, *argv])
+            judge.main([str(run), *argv])
         assert message in str(stop.value) + capsys.readouterr().err, argv
 
 
@@ -1241,7 +1173,6 @@ def test_frechet_distance_of_gaussians(seed):
     s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
     expected = ((m1 - m2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
     assert judge.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-12)
-    assert judge.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1)
     # Rank-deficient covariances (A A^T, B B^T with 3 and 2 columns), whose roots' zero eigenvalues come out
     # of the eigendecomposition as +-d eps |S| and then as their square roots: each root is off by up to
     # sqrt(d eps |S|), and the trace term by up to 2 d sqrt(d eps |S1| |S2|). The exact value: the trace term
@@ -1258,8 +1189,7 @@ def test_frechet_distance_of_gaussians(seed):
     # Never negative: nearly equal rank-deficient Gaussians (fewer samples than features) round to either side
     # of 0, and a distance must not come out below it; equal ones come out at 0 up to the rounding above.
     for _ in range(20):
-        features = rng.standard_normal((5, 64))
-        mu, cov = features.mean(0), np.cov(features, rowvar=False)
+        mu, cov = (features := rng.standard_normal((5, 64))).mean(0), np.cov(features, rowvar=False)
         assert judge.frechet_distance(mu, cov, mu, cov * (1 + 1e-12)) >= 0.0
         assert judge.frechet_distance(mu, cov, mu, cov) <= 4 * 64 * math.sqrt(64 * eps) * np.linalg.norm(cov, 2)
 
