@@ -618,21 +618,7 @@ class GaussianDiffusion:
                 x = x + torch.exp(0.5 * p["log_variance"]) * torch.randn(x.shape, generator=generator, device=x.device)
         return x
 
-    def _initial_noise(self, model, shape, noise, device, generator):
-        if noise is not None:
-            return noise
-        if device is None:    # the device of the model's weights (of a bound method's model, such as forward_with_cfg)
-            parameters = getattr(getattr(model, "__self__", model), "parameters", None)
-            device = next(parameters()).device if callable(parameters) else "cpu"
-        return torch.randn(*shape, generator=generator, device=device)
-
-    def _steps(self, progress):
-        for i in reversed(range(self.num_timesteps)):
-            if progress and (i % 10 == 0 or i == self.num_timesteps - 1):
-                print(f"\rsampling: {self.num_timesteps - i}/{self.num_timesteps}", end="" if i else "\n", flush=True)
-            yield i
-
-    # -- DDIM: a second, deterministic sampler (optional reading) --
+    # -- optional reading: DDIM, a second sampler; the loops' helpers (initial noise, steps with a progress line) --
 
     @torch.no_grad()
     def ddim_sample_loop(self, model, shape, noise=None, model_kwargs=None, device=None, eta=0.0, progress=False,
@@ -653,6 +639,20 @@ class GaussianDiffusion:
             if eta > 0 and i > 0:
                 x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
         return x
+
+    def _initial_noise(self, model, shape, noise, device, generator):
+        if noise is not None:
+            return noise
+        if device is None:    # the device of the model's weights (of a bound method's model, such as forward_with_cfg)
+            parameters = getattr(getattr(model, "__self__", model), "parameters", None)
+            device = next(parameters()).device if callable(parameters) else "cpu"
+        return torch.randn(*shape, generator=generator, device=device)
+
+    def _steps(self, progress):
+        for i in reversed(range(self.num_timesteps)):
+            if progress and (i % 10 == 0 or i == self.num_timesteps - 1):
+                print(f"\rsampling: {self.num_timesteps - i}/{self.num_timesteps}", end="" if i else "\n", flush=True)
+            yield i
 
 
 def space_timesteps(num_timesteps, spacing):
