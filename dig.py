@@ -37,9 +37,8 @@ def modulate(x, shift, scale):
 
 def sincos_pos_embed(dim, side):
     """Fixed 2D sine-cosine position embedding of a side x side token grid in raster order: [side * side, dim].
-    The first half of the channels encodes the column, the second half the row; each half is the 1D
-    transformer embedding (sin and cos of the position at dim/4 geometrically spaced frequencies).
-    """
+    The first half of the channels encodes the column, the second half the row; each half is the 1D transformer
+    embedding (sin and cos of the position at dim/4 geometrically spaced frequencies)."""
     if dim % 4:
         raise ValueError(f"the 2D sin-cos position embedding needs hidden_size divisible by 4; got {dim}")
     freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))        # [dim/4]
@@ -71,11 +70,9 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class label -> [D], with one extra row for the "null" label num_classes.
-
-    In training each label is replaced by the null label with probability dropout_prob, so the same network
-    also learns the unconditional model that classifier-free guidance needs at sampling time.
-    """
+    """Class label -> [D], with one extra row for the "null" label num_classes. In training each label is replaced
+    by the null label with probability dropout_prob, so the same network also learns the unconditional model that
+    classifier-free guidance needs at sampling time."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
@@ -112,8 +109,7 @@ class AdaLNZeroBlock(nn.Module):
     """x + gate * mixer(modulate(norm(x))), then the same for the MLP. Shift, scale and gate come from c ([N, D],
     the step's plus the label's embedding, section 4): an adaptive LayerNorm ("adaLN"), predicted per image.
     The modulation is zero-initialised, so every gate starts at 0 and the block starts as the identity: a deep
-    network begins as a shallow one and each block learns how much to contribute ("adaLN-Zero").
-    """
+    network begins as a shallow one and each block learns how much to contribute ("adaLN-Zero")."""
 
     def __init__(self, dim, mixer, mlp):
         super().__init__()
@@ -221,10 +217,8 @@ class DepthwiseConv(nn.Module):
         super().__init__()
         self.side = side
         self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            self.conv.weight[:, :, 1, 1] = 1
-            self.conv.bias.zero_()
+        nn.init.dirac_(self.conv.weight, groups=dim)     # each channel's centre tap 1, the rest 0
+        nn.init.zeros_(self.conv.bias)
 
     def forward(self, x):
         # The grid is read in the current scan order; in a flipped or transposed order the same conv sees a
@@ -299,10 +293,8 @@ class DiffusionTransformer(nn.Module):
       input_size: side of the (square) input in pixels or latent cells; patch_size must divide it.
       in_channels: channels of the input (4 for Stable Diffusion latents, 3 for pixels).
       num_classes: class labels 0..num_classes-1; num_classes itself is the null label.
-      learn_sigma: also predict, per pixel, a value v that sets the variance of each denoising step (section 7);
-        doubles the output channels.
-      class_dropout_prob: how often a training label is dropped to the null label (for guidance).
-    """
+      learn_sigma: also predict v, which sets each denoising step's variance per pixel (section 7); doubles the outputs.
+      class_dropout_prob: how often a training label is dropped to the null label (for guidance)."""
 
     def __init__(self, hidden_size, patch_size, input_size=32, in_channels=4, num_classes=1000,
                  learn_sigma=True, class_dropout_prob=0.1):
@@ -364,9 +356,7 @@ class DiG(DiffusionTransformer):
     Other keyword arguments (input_size, in_channels, num_classes, ...): see DiffusionTransformer."""
 
     def __init__(self, depth=12, hidden_size=384, num_heads=6, patch_size=2, **kwargs):
-        if depth % 4:
-            raise ValueError(f"DiG's scan order has period 4 (row fwd, row rev, column fwd, column rev) and the "
-                             f"final layer needs raster order back, so depth must be a multiple of 4; got {depth}")
+        check_dig_depth(depth)
         super().__init__(hidden_size, patch_size, **kwargs)
         self.blocks = nn.ModuleList(DiGBlock(hidden_size, num_heads, self.grid_size, i) for i in range(depth))
 
@@ -520,16 +510,8 @@ class GaussianDiffusion:
 
     # -- looking up per-step values --
 
-    def _lookup(self, arr, t):
-        # arr[t] on t's device. Each schedule array is copied to a device once: a fresh host-to-device copy on
-        # every call would synchronise the GPU a dozen times per training step.
-        key = (id(arr), t.device)
-        if key not in self._on_device:
-            self._on_device[key] = torch.from_numpy(arr).to(t.device)
-        return self._on_device[key][t]
-
     def _extract(self, arr, t, x):
-        # arr[t] as float32, shaped [N, 1, 1, 1] to broadcast over a batch like x.
+        # arr[t] as float32 on t's device (_lookup, after DDIM), shaped [N, 1, 1, 1] to broadcast over a batch like x.
         return self._lookup(arr, t).float().view(-1, *([1] * (x.dim() - 1)))
 
     def _model_output(self, model, x, t, model_kwargs):
@@ -618,7 +600,7 @@ class GaussianDiffusion:
                 x = x + torch.exp(0.5 * p["log_variance"]) * torch.randn(x.shape, generator=generator, device=x.device)
         return x
 
-    # -- optional reading: DDIM, a second sampler; the loops' helpers (initial noise, steps with a progress line) --
+    # -- optional reading: DDIM, a second sampler; helpers (arrays on the device, initial noise, progress line) --
 
     @torch.no_grad()
     def ddim_sample_loop(self, model, shape, noise=None, model_kwargs=None, device=None, eta=0.0, progress=False,
@@ -640,6 +622,14 @@ class GaussianDiffusion:
                 x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
         return x
 
+    def _lookup(self, arr, t):
+        # arr[t] on t's device. Each schedule array is copied to a device once: a fresh host-to-device copy on
+        # every call would synchronise the GPU a dozen times per training step.
+        key = (id(arr), t.device)
+        if key not in self._on_device:
+            self._on_device[key] = torch.from_numpy(arr).to(t.device)
+        return self._on_device[key][t]
+
     def _initial_noise(self, model, shape, noise, device, generator):
         if noise is not None:
             return noise
@@ -655,17 +645,20 @@ class GaussianDiffusion:
             yield i
 
 
+def _ddim_timesteps(num_timesteps, count):
+    """Spacing "ddim<count>": steps 0, s, 2s, ... with the constant stride s that takes exactly count of them."""
+    for stride in range(1, num_timesteps):
+        if len(range(0, num_timesteps, stride)) == count:
+            return list(range(0, num_timesteps, stride))
+    raise ValueError(f"no constant stride takes exactly {count} of {num_timesteps} steps")
+
+
 def space_timesteps(num_timesteps, spacing):
     """The original steps a shorter process keeps (sorted), as in IDDPM.
     spacing: "250" (250 steps spread evenly, both ends included); "10,15,20" (the steps cut into 3 equal sections,
-    that many evenly spread steps from each); a list of such counts; or "ddim50" (a constant stride from step 0).
-    """
+    that many evenly spread steps from each); a list of such counts; or "ddim50" (a constant stride from step 0)."""
     if isinstance(spacing, str) and spacing.startswith("ddim"):
-        count = int(spacing[len("ddim"):])
-        for stride in range(1, num_timesteps):
-            if len(range(0, num_timesteps, stride)) == count:
-                return list(range(0, num_timesteps, stride))
-        raise ValueError(f"no constant stride takes exactly {count} of {num_timesteps} steps")
+        return _ddim_timesteps(num_timesteps, int(spacing[len("ddim"):]))
     counts = spacing.split(",") if isinstance(spacing, str) else [spacing] if isinstance(spacing, int) else spacing
     counts = [int(s) for s in counts]
     section, extra = divmod(num_timesteps, len(counts))
@@ -708,14 +701,11 @@ def sample(model, labels, steps=250, cfg_scale=1.0, sampler="ddpm", noise=None, 
     cfg_scale: classifier-free guidance; 1 runs the plain conditional model, any other value runs the batch
         twice (labels, then null labels) in one pass and mixes the two predictions.
     sampler: "ddpm" (ancestral) or "ddim" (with eta). generator: a torch.Generator on the model's device.
-    Call it with the model in eval mode (training mode would drop labels). Pixel models: clamp the result.
-    """
-    device = next(model.parameters()).device
-    labels = torch.as_tensor(labels, device=device)
-    n = labels.shape[0]
-    shape = (n, model.in_channels, model.input_size, model.input_size)
+    Call it with the model in eval mode (training mode would drop labels). Pixel models: clamp the result."""
+    labels = torch.as_tensor(labels, device=next(model.parameters()).device)
+    shape = (len(labels), model.in_channels, model.input_size, model.input_size)
     check_sample_args(sampler, steps, noise, shape)
-    noise = torch.randn(shape, generator=generator, device=device) if noise is None else noise
+    noise = torch.randn(shape, generator=generator, device=labels.device) if noise is None else noise
     # DDIM is often respaced with "ddim<N>" (a constant stride from step 0, never visiting step 999); evenly
     # spread steps with both ends work for any count and for both samplers.
     diffusion = create_diffusion(str(steps))
@@ -728,7 +718,7 @@ def sample(model, labels, steps=250, cfg_scale=1.0, sampler="ddpm", noise=None, 
     loop = diffusion.p_sample_loop if sampler == "ddpm" else functools.partial(diffusion.ddim_sample_loop, eta=eta)
     x = loop(model_fn, noise.shape, noise=noise, model_kwargs=kwargs, progress=progress, clip_denoised=clip_denoised,
              generator=generator)
-    return x[:n]     # with guidance, the second half only carried the unconditional pass
+    return x[:shape[0]]     # with guidance, the second half only carried the unconditional pass
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -833,6 +823,12 @@ def check_model_inputs(model, x, t, y):
     if y.is_floating_point() or (not capturing and not ((y >= 0) & (y <= model.num_classes)).all()):
         raise ValueError(f"labels must be integers in [0, {model.num_classes}] ({model.num_classes} is the "
                          f"null label of classifier-free guidance); got {y.tolist()[:16]}")
+
+
+def check_dig_depth(depth):
+    if depth % 4:
+        raise ValueError(f"DiG's scan order has period 4 (row fwd, row rev, column fwd, column rev) and the "
+                         f"final layer needs raster order back, so depth must be a multiple of 4; got {depth}")
 
 
 def warn_slow_gla(head_k, head_v, dtype):

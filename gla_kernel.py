@@ -59,10 +59,8 @@ except ImportError:   # no Triton (it ships for Linux): the reference and the Py
 
 
 def naive_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
-    """The GLA recurrence, one token at a time: the ground truth for everything else in this file.
-
-    Computes in float32 (float64 when given float64) and returns (o in the input dtype, final state or None).
-    """
+    """The GLA recurrence, one token at a time: the ground truth for everything else in this file. Computes in
+    float32 (float64 when given float64) and returns (o in the input dtype, final state or None)."""
     _check_inputs(q, k, v, g, initial_state)
     B, T, H, K = q.shape
     V = v.shape[-1]

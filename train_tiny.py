@@ -166,15 +166,7 @@ def update_ema(ema_params, model_params, decay):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 3. The training loop
-
-def main(argv=None):
-    """Train as the command line says; returns the last step, the output folder and, if stopped, the signal."""
-    args, ckpt = parse_args(argv)
-    with processes(args.device) as (rank, world, device):
-        settle_args(args, ckpt, world)
-        return train(args, ckpt, rank, world, device)
-
+# 3. The training loop (main, section 4, reads the command line and calls train in every process)
 
 def train(args, ckpt, rank, world, device):
     data = load_data(args, rank, world, device)
@@ -229,6 +221,14 @@ def train(args, ckpt, rank, world, device):
 
 # -----------------------------------------------------------------------------------------------------------
 # 4. Command line
+
+def main(argv=None):
+    """Train as the command line says; returns the last step, the output folder and, if stopped, the signal."""
+    args, ckpt = parse_args(argv)
+    with processes(args.device) as (rank, world, device):
+        settle_args(args, ckpt, world)
+        return train(args, ckpt, rank, world, device)
+
 
 def checked(kind, ok, what):
     """An argparse type that also refuses values outside `ok`, saying what is accepted."""
@@ -432,9 +432,7 @@ def load_latents(path):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 6. The model, its EMA and optimizer, and checkpoints: written to a temporary file, then renamed over the old
-# one (atomic); tensors, numbers and strings only, for torch.load(..., weights_only=True). The step is all of
-# "where were we" (step s draws from (seed, s)): a resumed run matches an uninterrupted one, on a CPU bit for bit.
+# 6. The model, its EMA and optimizer, and checkpoints
 
 def build_run(args, ckpt, shape, device):
     """(model, ema, optimizer, step, elapsed seconds): fresh, or as the checkpoint left them."""
@@ -453,7 +451,8 @@ def build_run(args, ckpt, shape, device):
 
 
 def save_checkpoint(args, model, ema, opt, data, step, log, rank, world):
-    """ckpt.pt in the output folder, written by rank 0; returns the step."""
+    """ckpt.pt in the output folder, written by rank 0 to a temporary file, then renamed over the old one (atomic);
+    tensors, numbers and strings only, for torch.load(..., weights_only=True). Returns the step."""
     def save():
         state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
                      elapsed=log.elapsed(), args=vars(args), data=data_shape(data))
@@ -483,7 +482,8 @@ def load_checkpoint(path):
 
 
 def restore(ckpt, model, ema, opt):
-    """Load a checkpoint into a freshly built run; returns its (step, elapsed seconds)."""
+    """Load a checkpoint into a freshly built run; returns its (step, elapsed seconds). The step is all of "where
+    were we" (step s draws from (seed, s)): a resumed run matches an uninterrupted one, on a CPU bit for bit."""
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
