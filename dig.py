@@ -150,37 +150,41 @@ class GatedLinearAttention(nn.Module):
         self.head_k, self.head_v = key_dim // num_heads, value_dim // num_heads
         self.scale = self.head_k ** -0.5
         self.forget_normalizer = forget_normalizer
-        # One matmul makes the mixer's five inputs from x: queries, keys, values, the output gate, and the first
-        # half of the forget gate's rank-16 bottleneck (a per-token, per-channel decay for few parameters). It
-        # reads x once, where five matmuls would each read it and, under autocast, each keep a bf16 copy of it.
-        self.split_sizes = (key_dim, key_dim, value_dim, value_dim, forget_rank)
+        # One matmul makes the mixer's four inputs from x: queries, keys, values and the output gate. It reads x
+        # once, where four matmuls would each read it and, under autocast, each keep a bf16 copy of it.
+        self.split_sizes = (key_dim, key_dim, value_dim, value_dim)
         self.in_proj = nn.Linear(dim, sum(self.split_sizes), bias=False)
-        self.forget_gate = nn.Linear(forget_rank, key_dim)         # the bottleneck's second half
+        # The forget gate: a rank-16 bottleneck (a per-token, per-channel decay for few parameters).
+        self.forget_low_rank = nn.Linear(dim, forget_rank, bias=False)
+        self.forget_gate = nn.Linear(forget_rank, key_dim)
         self.norm_weight = nn.Parameter(torch.ones(self.head_v))   # RMSNorm over each head, one weight for all
         self.proj = nn.Linear(value_dim, dim, bias=False)
         # Each projection is Xavier with gain 2**-2.5 (as in the official code), which keeps the state's
-        # un-normalised sums small early on; in_proj part by part, as five layers.
+        # un-normalised sums small early on; in_proj part by part, as four layers.
         for part in self.in_proj.weight.split(self.split_sizes, dim=0):
             nn.init.xavier_uniform_(part, gain=2 ** -2.5)
-        _xavier(self.forget_gate, self.proj, gain=2 ** -2.5)
+        _xavier(self.forget_low_rank, self.forget_gate, self.proj, gain=2 ** -2.5)
 
     def forward(self, x):
         N, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k, self.head_v
-        q, k, v, out_gate, forget_low_rank = self.in_proj(x).split(self.split_sizes, dim=-1)   # D/2, D/2, D, D, 16
+        q, k, v, out_gate = self.in_proj(x).split(self.split_sizes, dim=-1)   # D/2, D/2, D, D
         # q, k, v stay views into the projection output, consecutive tokens sum(split_sizes) apart: the kernel
         # reads tokens of any stride, so nothing is copied.
         q, k, v = q.view(N, T, H, K), k.view(N, T, H, K), v.view(N, T, H, V)
-        # Log forget gate in (-inf, 0]. Dividing logsigmoid by 16 pulls the per-token decay exp(g) close to 1
-        # (0.96 at a zero logit), so the state remembers over tens of tokens rather than a few.
-        g = F.logsigmoid(self.forget_gate(forget_low_rank)) / self.forget_normalizer
-        g = g.to(q.dtype).view(N, T, H, K)                                      # [N, T, H, K]
+        g = self.log_forget_gate(x).to(q.dtype)                                 # [N, T, H, K]
         # The gates are <= 0 by construction, so the gate check (a device sync) is switched off.
         o, _ = self._gla(q)(q, k, v, g, scale=self.scale, check_gate=False)    # [N, T, H, V]
         # Normalise each head (the state's sums have no fixed scale), then gate it with silu(out_gate).
         o = F.rms_norm(o, (V,), self.norm_weight.to(o.dtype), eps=1e-6)
         o = o * F.silu(out_gate.view(N, T, H, V))
         return self.proj(o.flatten(2))                                          # [N, T, H*V] -> [N, T, D]
+
+    def log_forget_gate(self, x):
+        # In (-inf, 0]. Dividing logsigmoid by 16 pulls the per-token decay exp(g) close to 1 (0.96 at a zero
+        # logit), so the state remembers over tens of tokens rather than a few.
+        g = F.logsigmoid(self.forget_gate(self.forget_low_rank(x))) / self.forget_normalizer
+        return g.view(*x.shape[:2], self.num_heads, self.head_k)
 
     def _gla(self, q):
         # The Triton kernel on a GPU where it takes these head sizes and dtype; the PyTorch chunked path (the
@@ -735,8 +739,22 @@ def compile_blocks(model):
     for block in model.blocks:
         if isinstance(block, DiGBlock):
             block.forward = functools.partial(_forward_recomputing, block.forward)
+            block.mixer.__class__ = FusedGatedLinearAttention   # same parameters, the fused forward
         block.compile()
     return model
+
+
+class FusedGatedLinearAttention(GatedLinearAttention):
+    """GatedLinearAttention where the Triton kernel runs it, with the GLA, its output norm and its gate in one
+    operator (gla_kernel.gla_norm_gate): fewer passes over the activations, and no concatenation of in_proj's
+    gradient from four parts. compile_blocks gives each GLA layer this class."""
+
+    def forward(self, x):
+        if self._gla(x) is not gla_kernel.chunk_gla:
+            return super().forward(x)
+        proj = self.in_proj(x)
+        g = self.log_forget_gate(x).to(proj.dtype)
+        return self.proj(gla_kernel.gla_norm_gate(proj, g, self.norm_weight, scale=self.scale))
 
 
 def _forward_recomputing(forward, x, c):
@@ -754,7 +772,7 @@ def _keep_matmul_inputs_and_outputs(ctx, op, *args, **kwargs):
     # the conv read: recomputing them costs a pass over the float32 stream, more than storing them in half the
     # bytes. Everything else is element-wise on bf16 values and is recomputed.
     keep = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.dig.gla_forward.default,
-                  torch.ops.aten._to_copy.default)
+                  torch.ops.dig.gla_norm_gate.default, torch.ops.aten._to_copy.default)
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 

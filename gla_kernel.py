@@ -27,7 +27,6 @@ Sections 2 to 4 are about speed only: chunk_gla computes the same maths as chunk
 
 import math
 import os
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -242,15 +241,16 @@ def _advance_state(S, ks, vs, G, G_last, PRECISION: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS)
-def _fwd_kernel(q, k, v, g, o, start_states, end_states, stride_q, stride_k, stride_v, stride_g, T, seg_len, slots,
-                H, scale, factor_limit, has_start, store_end, K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr,
-                PRECISION: tl.constexpr):
+def _fwd_kernel(q, k, v, g, o, z, w, y, start_states, end_states, stride_q, stride_k, stride_v, stride_g, stride_z,
+                T, seg_len, slots, H, scale, eps, factor_limit, has_start, store_end, K: tl.constexpr,
+                V: tl.constexpr, SUB: tl.constexpr, NORM_GATE: tl.constexpr, PRECISION: tl.constexpr):
     """Outputs of one segment of seg_len tokens, given the state before it. Grid (segments, B * H).
 
     Walks the segment in sub-chunks of SUB tokens, carrying the state: it covers everything before the
     sub-chunk, the weights A the causal interactions inside it. One pass: the segment is the whole sequence,
     the start state the initial state (or zeros), and the final state is stored. Three phases: segments are
-    chunks, and start_states holds the state before each of them.
+    chunks, and start_states holds the state before each of them. With NORM_GATE it also writes DiG's layer
+    output y = rms_norm(o) * w * silu(z) per head (gla_norm_gate).
     """
     n, i_bh = tl.program_id(0), tl.program_id(1)
     b, head = i_bh // H, i_bh % H
@@ -272,6 +272,12 @@ def _fwd_kernel(q, k, v, g, o, start_states, end_states, stride_q, stride_k, str
         os = tl.dot(q_decayed, S.to(vs.dtype), input_precision=PRECISION)           # [SUB, V]
         os += tl.dot(A.to(vs.dtype), vs, input_precision=PRECISION)
         _store_tile(o, os, H * V, b, head, t, rv, T, V)
+        if NORM_GATE:   # normalise o as stored (rounded to its dtype), as an rms_norm after the kernel would
+            o_r = os.to(o.dtype.element_ty).to(tl.float32)
+            zs = _load_tile(z, stride_z, b, head, t, rv, T, V).to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(o_r * o_r, axis=1) / V + eps)[:, None]
+            w_row = tl.load(w + rv).to(tl.float32)[None, :]
+            _store_tile(y, o_r * rstd * w_row * zs * tl.sigmoid(zs), H * V, b, head, t, rv, T, V)
         S = _advance_state(S, ks, vs, G, G_last, PRECISION)
         q_tile, k_tile, g_tile, vs, t = q_next, k_next, g_next, v_next, t_next
     if store_end:
@@ -280,8 +286,8 @@ def _fwd_kernel(q, k, v, g, o, start_states, end_states, stride_q, stride_k, str
 
 @triton.jit(do_not_specialize=RUNTIME_ARGS)
 def _bwd_kernel(q, k, v, g, do, start_states, d_end_states, d_start_states, dq, dk, dv, dg, dg_partial, stride_q,
-                stride_k, stride_v, stride_g, stride_do, T, seg_len, slots, H, scale, factor_limit, has_start,
-                has_d_end, store_d_start, K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr,
+                stride_k, stride_v, stride_g, stride_do, stride_dq, stride_dk, stride_dv, T, seg_len, slots, H, scale,
+                factor_limit, has_start, has_d_end, store_d_start, K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr,
                 PRECISION: tl.constexpr):
     """dq, dk, dv, dg of one segment, given the state before it (start_states) and the gradient of the state
     after it (d_end_states). Grid (segments, B * H). One pass: the segment is the whole sequence, start_states
@@ -323,7 +329,7 @@ def _bwd_kernel(q, k, v, g, do, start_states, d_end_states, d_start_states, dq, 
             dq_intra = tl.sum(dA[:, :, None] * _intra_decay(G, SUB) * ks[None, :, :], axis=1)
         dq_inter = tl.exp(G) * tl.dot(dos, tl.trans(S.to(dos.dtype)), input_precision=PRECISION)
         dqs = scale * (dq_inter + dq_intra)                                    # [SUB, K]
-        _store_tile(dq, dqs, H * K, b, head, t, rk, T, K)
+        _store_tile(dq, dqs, stride_dq, b, head, t, rk, T, K)
         qdq = qs * dqs
         qdq_before_t = qdq_before[None, :] + tl.cumsum(qdq, axis=0) - qdq
         _store_tile(dg_partial, -qdq_before_t, H * K, b, head, t, rk, T, K)
@@ -368,8 +374,8 @@ def _bwd_kernel(q, k, v, g, do, start_states, d_end_states, d_start_states, dq, 
         kdk = ks * dks
         kdk_from_t = kdk_after[None, :] + tl.sum(kdk, axis=0)[None, :] - tl.cumsum(kdk, axis=0) + kdk
         dgs = dg_carry[None, :] + dg_part - kdk_from_t
-        _store_tile(dk, dks, H * K, b, head, t, rk, T, K)
-        _store_tile(dv, dvs, H * V, b, head, t, rv, T, V)
+        _store_tile(dk, dks, stride_dk, b, head, t, rk, T, K)
+        _store_tile(dv, dvs, stride_dv, b, head, t, rv, T, V)
         _store_tile(dg, dgs, H * K, b, head, t, rk, T, K)
         kdk_after += tl.sum(kdk, axis=0)
         dS = dS * tl.exp(G_last)[:, None] + tl.dot(tl.trans(q_decayed.to(dos.dtype)), dos,
@@ -454,6 +460,33 @@ def _scan_kernel(states, gate_sum, initial, NT, has_initial, K: tl.constexpr, V:
         S_all = A * S[None, :, :] + B                                         # [STEPS, BK, BV]: S after each
         tl.store(ptrs, S_all, mask=valid[:, None, None])
         S = tl.sum(tl.where((p == STEPS - 1)[:, None, None], S_all, 0.0), axis=0)   # the last one carries on
+
+
+# DiG's layer normalises GLA's output per head and gates it: y = rms_norm(o) * w * silu(z) (the forward kernel
+# writes y with NORM_GATE). Its backward, for rows of V features (one token and head each):
+
+@triton.jit(do_not_specialize=["rows", "H"])
+def _norm_gate_bwd_kernel(dy, o, z, w, do, dz, dw_partial, stride_z, rows, H, eps, V: tl.constexpr,
+                          ROWS: tl.constexpr):
+    """do, dz, and this block's share of dw, for ROWS rows. With o_hat = o / rms(o) and u = dy * w * silu(z)
+    (the gradient of o_hat): do = (u - o_hat * mean(u * o_hat)) / rms(o), dz = dy * w * o_hat * silu'(z),
+    dw = the sum over rows of dy * o_hat * silu(z). o, dy and do are dense [rows, V]; z and dz are rows of
+    stride_z (one per token) with the heads V apart."""
+    r, rv = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.arange(0, V)
+    inside = (r < rows)[:, None]
+    dense = r[:, None].to(tl.int64) * V + rv[None, :]                             # [ROWS, V]
+    gate = (r // H)[:, None].to(tl.int64) * stride_z + (r % H)[:, None] * V + rv[None, :]
+    o_t = tl.load(o + dense, mask=inside, other=0.0).to(tl.float32)
+    dy_t = tl.load(dy + dense, mask=inside, other=0.0).to(tl.float32)
+    z_t = tl.load(z + gate, mask=inside, other=0.0).to(tl.float32)
+    w_row = tl.load(w + rv).to(tl.float32)[None, :]
+    rstd = tl.rsqrt(tl.sum(o_t * o_t, axis=1) / V + eps)[:, None]
+    o_hat, sig = o_t * rstd, tl.sigmoid(z_t)
+    u = dy_t * w_row * z_t * sig
+    do_t = rstd * (u - o_hat * tl.sum(u * o_hat, axis=1)[:, None] / V)
+    tl.store(do + dense, do_t.to(do.dtype.element_ty), mask=inside)
+    tl.store(dz + gate, (dy_t * w_row * o_hat * sig * (1 + z_t * (1 - sig))).to(dz.dtype.element_ty), mask=inside)
+    tl.store(dw_partial + tl.program_id(0) * V + rv, tl.sum(dy_t * o_hat * z_t * sig, axis=0))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -543,17 +576,19 @@ def _boundary_states(x, stride_x, y, stride_y, g, stride_g, initial, scale, reve
     return states
 
 
-def _gla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
-                 initial_state: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """o [B, T, H, V] (dtype of v) and the states [B, H, slots, K, V] (float32) the backward needs."""
+def _gla_forward(q, k, v, g, scale, initial_state, norm_gate=None):
+    """o [B, T, H, V] (dtype of v) and the states [B, H, slots, K, V] (float32) the backward needs. norm_gate =
+    (z, w, y, eps) also writes y = rms_norm(o) * w * silu(z) (see gla_norm_gate)."""
     (q, stride_q), (k, stride_k), (v, stride_v), (g, stride_g) = _rows(q), _rows(k), _rows(v), _rows(g)
     B, T, H, K = q.shape
     V = v.shape[-1]
     initial = initial_state.float().contiguous() if initial_state is not None else None   # [B, H, K, V]
     o = v.new_empty(B, T, H, V)
-    launch = dict(q=q, k=k, v=v, g=g, o=o, stride_q=stride_q, stride_k=stride_k, stride_v=stride_v,
-                  stride_g=stride_g, T=T, H=H, scale=scale, factor_limit=FACTOR_LIMIT, K=K, V=V, SUB=SUB,
-                  PRECISION=_precision(q.dtype), num_warps=_warps(K, V))
+    z, w, y, eps = norm_gate if norm_gate is not None else (o, o, o, 0.0)    # placeholders, never touched
+    launch = dict(q=q, k=k, v=v, g=g, o=o, z=z, w=w, y=y, stride_q=stride_q, stride_k=stride_k, stride_v=stride_v,
+                  stride_g=stride_g, stride_z=z.stride(1), T=T, H=H, scale=scale, eps=eps, factor_limit=FACTOR_LIMIT,
+                  K=K, V=V, SUB=SUB, NORM_GATE=norm_gate is not None, PRECISION=_precision(q.dtype),
+                  num_warps=_warps(K, V))
     if _one_pass(T):
         final = torch.empty(B, H, 1, K, V, device=q.device, dtype=torch.float32)
         _fwd_kernel[(1, B * H)](start_states=_or(initial, final), end_states=final, seg_len=T, slots=1,
@@ -565,24 +600,23 @@ def _gla_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Ten
     return o, states
 
 
-def _gla_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                  initial_state: Optional[torch.Tensor], states: torch.Tensor, do: torch.Tensor,
-                  d_final_state: Optional[torch.Tensor],
-                  scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv, dg (dtypes of the inputs) and the gradient of the initial state [B, H, K, V] (float32)."""
+def _gla_backward(q, k, v, g, initial_state, states, do, d_final_state, scale, grads=None):
+    """dq, dk, dv, dg (dtypes of the inputs) and the gradient of the initial state [B, H, K, V] (float32).
+    grads = (dq, dk, dv): where to write those three (views of one buffer, in gla_norm_gate)."""
     (q, stride_q), (k, stride_k), (v, stride_v), (g, stride_g) = _rows(q), _rows(k), _rows(v), _rows(g)
     do, stride_do = _rows(do)
     B, T, H, K = q.shape
     V = v.shape[-1]
     # A gradient made by broadcasting (e.g. from .sum()) has stride 0; the kernels read dense rows.
     d_final = d_final_state.float().contiguous() if d_final_state is not None else None   # [B, H, K, V]
-    dq, dk, dg = q.new_empty(B, T, H, K), k.new_empty(B, T, H, K), g.new_empty(B, T, H, K)
-    dv = v.new_empty(B, T, H, V)
+    dq, dk, dv = grads if grads is not None else (q.new_empty(B, T, H, K), k.new_empty(B, T, H, K),
+                                                  v.new_empty(B, T, H, V))
+    dg = g.new_empty(B, T, H, K)
     dg_partial = torch.empty(B, T, H, K, device=g.device, dtype=torch.float32)   # the kernel's scratch
     launch = dict(q=q, k=k, v=v, g=g, do=do, dq=dq, dk=dk, dv=dv, dg=dg, dg_partial=dg_partial, stride_q=stride_q,
-                  stride_k=stride_k, stride_v=stride_v, stride_g=stride_g, stride_do=stride_do, T=T, H=H,
-                  scale=scale, factor_limit=FACTOR_LIMIT, K=K, V=V, SUB=SUB, PRECISION=_precision(q.dtype),
-                  num_warps=_warps(K, V))
+                  stride_k=stride_k, stride_v=stride_v, stride_g=stride_g, stride_do=stride_do, stride_dq=dq.stride(1),
+                  stride_dk=dk.stride(1), stride_dv=dv.stride(1), T=T, H=H, scale=scale, factor_limit=FACTOR_LIMIT,
+                  K=K, V=V, SUB=SUB, PRECISION=_precision(q.dtype), num_warps=_warps(K, V))
     if _one_pass(T):
         initial = initial_state.float().contiguous() if initial_state is not None else None
         d_initial = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
@@ -599,8 +633,12 @@ def _gla_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     return dq, dk, dv, dg, d_states[:, :, 0].clone()
 
 
-gla_forward_op = torch.library.custom_op("dig::gla_forward", _gla_forward, mutates_args=())
-gla_backward_op = torch.library.custom_op("dig::gla_backward", _gla_backward, mutates_args=())
+# The schemas name what the operators take (the Python functions' last arguments are for gla_norm_gate only).
+gla_forward_op = torch.library.custom_op("dig::gla_forward", _gla_forward, mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state) -> (Tensor, Tensor)"))
+gla_backward_op = torch.library.custom_op("dig::gla_backward", _gla_backward, mutates_args=(), schema=(
+    "(Tensor q, Tensor k, Tensor v, Tensor g, Tensor? initial_state, Tensor states, Tensor do, "
+    "Tensor? d_final_state, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"))
 
 
 @gla_forward_op.register_fake
@@ -679,20 +717,8 @@ def _check_gate(g):
         raise ValueError(f"gates must be log-space forget gates, g <= 0 (e.g. logsigmoid(x) / 16); got {found}")
 
 
-def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, check_gate=True):
-    """Gated linear attention with the Triton kernels (forward and backward). Returns (o, final_state or None).
-
-    q, k, g: [B, T, H, K]; v: [B, T, H, V]; initial_state: [B, H, K, V] or None; any T >= 1.
-    K and V each one of 16, 32, 64, 128; dtype float16, bfloat16 or float32 (all four the same); CUDA tensors
-    (CPU tensors only under TRITON_INTERPRET=1). Head views of a wider tensor (q, k, v sliced out of one
-    projection output) are read in place; other non-contiguous inputs are copied first.
-    Accumulation and the state are float32; o has the dtype of v, the final state is float32.
-
-    g must be <= 0. With check_gate=True (the default) a positive or NaN gate raises ValueError; the check
-    reads g on the host, which costs a device synchronisation, so callers whose gates are <= 0 by construction (DiG's
-    logsigmoid(x) / 16) pass check_gate=False. An unchecked positive gate makes exp(G_i - G_j) grow instead
-    of decay: results stay right while the summed gates fit float32 and turn to inf or NaN after that.
-    """
+def _check_kernel_inputs(q, k, v, g, initial_state):
+    """_check_inputs, and what the Triton kernels need besides."""
     if not HAS_TRITON:
         raise RuntimeError("chunk_gla runs Triton kernels, and Triton is not installed (it ships for Linux: "
                            "pip install triton); chunk_gla_torch computes the same on any device without it")
@@ -710,14 +736,113 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
                          "before importing triton to run the kernels in Triton's (slow) interpreter")
     if len({x.device for x in tensors}) != 1:
         raise ValueError(f"all inputs must be on one device; got {sorted({str(x.device) for x in tensors})}")
+
+
+def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, check_gate=True):
+    """Gated linear attention with the Triton kernels (forward and backward). Returns (o, final_state or None).
+
+    q, k, g: [B, T, H, K]; v: [B, T, H, V]; initial_state: [B, H, K, V] or None; any T >= 1.
+    K and V each one of 16, 32, 64, 128; dtype float16, bfloat16 or float32 (all four the same); CUDA tensors
+    (CPU tensors only under TRITON_INTERPRET=1). Head views of a wider tensor (q, k, v sliced out of one
+    projection output) are read in place; other non-contiguous inputs are copied first.
+    Accumulation and the state are float32; o has the dtype of v, the final state is float32.
+
+    g must be <= 0. With check_gate=True (the default) a positive or NaN gate raises ValueError; the check
+    reads g on the host, which costs a device synchronisation, so callers whose gates are <= 0 by construction (DiG's
+    logsigmoid(x) / 16) pass check_gate=False. An unchecked positive gate makes exp(G_i - G_j) grow instead
+    of decay: results stay right while the summed gates fit float32 and turn to inf or NaN after that.
+    """
+    _check_kernel_inputs(q, k, v, g, initial_state)
     if check_gate:
         _check_gate(g)
-    scale = K ** -0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if torch.compiler.is_compiling():    # an opaque operator that the compiler fuses around
         o, states = torch.ops.dig.gla_forward(q, k, v, g, scale, initial_state)
     else:
         o, states = _EagerGLA.apply(q, k, v, g, scale, initial_state)
     return o, (states[:, :, -1].clone() if output_final_state else None)
+
+
+# DiG's GLA layer between its two projections as one operator. Unfused, the output norm and gate are separate
+# kernels, and in_proj's gradient is assembled by concatenating dq, dk, dv and the gate's gradient. Here the
+# forward kernel writes y as well as o, one kernel computes the norm's and gate's backward, and the backward
+# kernels write dq, dk, dv into one buffer laid out like in_proj's output.
+
+def _split_proj(proj, H, K):
+    """q, k [B, T, H, K] and v, z [B, T, H, V]: head views of proj = [q | k | v | z], [B, T, 2HK + 2HV]."""
+    V = (proj.shape[2] - 2 * H * K) // (2 * H)
+    return [x.unflatten(2, (H, -1)) for x in proj.split([H * K, H * K, H * V, H * V], dim=2)]
+
+
+def _norm_gate_forward(proj, g, norm_weight, scale, eps):
+    """y [B, T, H * V], and o and the states for the backward."""
+    q, k, v, z = _split_proj(proj, *g.shape[2:])
+    y = v.new_empty(*v.shape[:2], v.shape[2] * v.shape[3])
+    o, states = _gla_forward(q, k, v, g, scale, None, norm_gate=(z, norm_weight, y, eps))
+    return y, o, states
+
+
+def _norm_gate_backward(proj, g, norm_weight, o, states, dy, scale, eps):
+    """The gradients of proj (one tensor), g and norm_weight."""
+    B, T, H, V = o.shape
+    d_proj = torch.empty_like(proj)
+    (q, k, v, z), (dq, dk, dv, dz) = _split_proj(proj, H, g.shape[3]), _split_proj(d_proj, H, g.shape[3])
+    do, rows, ROWS = torch.empty_like(o), B * T * H, 64
+    dw_partial = torch.empty(triton.cdiv(rows, ROWS), V, device=o.device, dtype=torch.float32)
+    _norm_gate_bwd_kernel[(triton.cdiv(rows, ROWS),)](
+        dy=dy.contiguous(), o=o, z=z, w=norm_weight, do=do, dz=dz, dw_partial=dw_partial, stride_z=proj.stride(1),
+        rows=rows, H=H, eps=eps, V=V, ROWS=ROWS, num_warps=4)
+    dg = _gla_backward(q, k, v, g, None, states, do, None, scale, grads=(dq, dk, dv))[3]
+    return d_proj, dg, dw_partial.sum(0).to(norm_weight.dtype)
+
+
+norm_gate_op = torch.library.custom_op("dig::gla_norm_gate", _norm_gate_forward, mutates_args=(), schema=(
+    "(Tensor proj, Tensor g, Tensor norm_weight, float scale, float eps) -> (Tensor, Tensor, Tensor)"))
+norm_gate_backward_op = torch.library.custom_op("dig::gla_norm_gate_backward", _norm_gate_backward, mutates_args=(),
+    schema=("(Tensor proj, Tensor g, Tensor norm_weight, Tensor o, Tensor states, Tensor dy, float scale, "
+            "float eps) -> (Tensor, Tensor, Tensor)"))
+
+
+@norm_gate_op.register_fake
+def _(proj, g, norm_weight, scale, eps):
+    B, T, H, K = g.shape
+    V = (proj.shape[2] - 2 * H * K) // (2 * H)
+    return (proj.new_empty(B, T, H * V), proj.new_empty(B, T, H, V),
+            proj.new_empty(_states_shape(B, T, H, K, V), dtype=torch.float32))
+
+
+@norm_gate_backward_op.register_fake
+def _(proj, g, norm_weight, o, states, dy, scale, eps):
+    return torch.empty_like(proj), torch.empty_like(g), torch.empty_like(norm_weight)
+
+
+def _norm_gate_save(ctx, inputs, output):
+    proj, g, norm_weight, ctx.scale, ctx.eps = inputs
+    ctx.save_for_backward(proj, g, norm_weight, *output[1:])
+
+
+def _norm_gate_gradients(ctx, dy, _do, _d_states):   # o and the states are the backward's, not a caller's
+    d_proj, dg, d_norm_weight = torch.ops.dig.gla_norm_gate_backward(*ctx.saved_tensors, dy, ctx.scale, ctx.eps)
+    return d_proj, dg, d_norm_weight, None, None
+
+
+norm_gate_op.register_autograd(_norm_gate_gradients, setup_context=_norm_gate_save)
+
+
+def gla_norm_gate(proj, g, norm_weight, scale=None, eps=1e-6):
+    """DiG's GLA layer between its projections: y = rms_norm(o) * norm_weight * silu(z) per head, where
+    o = chunk_gla(q, k, v, g)[0] and proj = [q | k | v | z] [B, T, 2HK + 2HV] is the input projection's output
+    (q, k [B, T, H, K], v and the output gate z [B, T, H, V], each flattened over its heads). g: [B, T, H, K],
+    <= 0 (not checked); norm_weight: [V]. Returns y [B, T, H * V] in proj's dtype. Takes what chunk_gla takes
+    (no initial or final state), as one operator, forward and backward, torch.compile included."""
+    B, T, H, K = g.shape if g.dim() == 4 else (0, 0, 0, 0)
+    V = norm_weight.shape[0] if norm_weight.dim() == 1 else 0
+    if not H or not V or proj.shape != (B, T, 2 * H * (K + V)):
+        raise ValueError(f"need g [B, T, H, K], norm_weight [V] and proj [B, T, 2HK + 2HV]; got g {tuple(g.shape)}, "
+                         f"norm_weight {tuple(norm_weight.shape)}, proj {tuple(proj.shape)}")
+    _check_kernel_inputs(*_split_proj(proj, H, K)[:3], g, None)
+    scale = K ** -0.5 if scale is None else float(scale)
+    return torch.ops.dig.gla_norm_gate(proj.contiguous(), g, norm_weight, scale, eps)[0]
 
 
 # -----------------------------------------------------------------------------------------------------------
