@@ -113,10 +113,8 @@ class AdaLNZeroBlock(nn.Module):
 
     def __init__(self, dim, mixer, mlp):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mixer = mixer
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = mlp
+        self.norm1, self.norm2 = (nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) for _ in range(2))
+        self.mixer, self.mlp = mixer, mlp
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
@@ -154,8 +152,7 @@ class GatedLinearAttention(nn.Module):
         # once, where four matmuls would each read it and, under autocast, each keep a bf16 copy of it.
         self.split_sizes = (key_dim, key_dim, value_dim, value_dim)
         self.in_proj = nn.Linear(dim, sum(self.split_sizes), bias=False)
-        # The forget gate: a rank-16 bottleneck (a per-token, per-channel decay for few parameters).
-        self.forget_low_rank = nn.Linear(dim, forget_rank, bias=False)
+        self.forget_low_rank = nn.Linear(dim, forget_rank, bias=False)   # the forget gate: a rank-16 bottleneck
         self.forget_gate = nn.Linear(forget_rank, key_dim)
         self.norm_weight = nn.Parameter(torch.ones(self.head_v))   # RMSNorm over each head, one weight for all
         self.proj = nn.Linear(value_dim, dim, bias=False)
@@ -203,12 +200,11 @@ class SwiGLU(nn.Module):
     def __init__(self, dim):
         super().__init__()
         hidden = 256 * math.ceil(int(8 * dim / 3) / 256)      # S 1024, B 2048, L 2816, XL 3072
-        self.up = nn.Linear(dim, 2 * hidden, bias=False)       # gate and value halves in one matmul
-        self.down = nn.Linear(hidden, dim, bias=False)
+        self.up, self.down = nn.Linear(dim, 2 * hidden, bias=False), nn.Linear(hidden, dim, bias=False)
         _xavier(self.up, self.down)
 
     def forward(self, x):
-        gate, value = self.up(x).chunk(2, dim=-1)               # 2 x [N, T, hidden]
+        gate, value = self.up(x).chunk(2, dim=-1)               # 2 x [N, T, hidden], from one matmul
         return self.down(F.silu(gate) * value)                  # [N, T, D]
 
 
@@ -259,8 +255,7 @@ class DiGBlock(AdaLNZeroBlock):
 
     def __init__(self, dim, num_heads, side, index):
         super().__init__(dim, GatedLinearAttention(dim, num_heads), SwiGLU(dim))
-        self.dwconv = DepthwiseConv(dim, side)
-        self.side = side
+        self.dwconv, self.side = DepthwiseConv(dim, side), side
         # A bool, not the index: a compiled block is specialised on it, and two variants serve every depth.
         self.transpose_after = index % 2 == 1
 
@@ -382,8 +377,7 @@ class SoftmaxAttention(nn.Module):
             raise ValueError(f"hidden_size {dim} must be divisible by num_heads {num_heads}")
         self.num_heads, self.attention = num_heads, attention
         self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         _xavier(self.qkv, self.proj)
 
     def forward(self, x):
@@ -635,12 +629,10 @@ class GaussianDiffusion:
         return self._on_device[key][t]
 
     def _initial_noise(self, model, shape, noise, device, generator):
-        if noise is not None:
-            return noise
-        if device is None:    # the device of the model's weights (of a bound method's model, such as forward_with_cfg)
+        if noise is None and device is None:   # the model's device (of a bound method's model: forward_with_cfg)
             parameters = getattr(getattr(model, "__self__", model), "parameters", None)
             device = next(parameters()).device if callable(parameters) else "cpu"
-        return torch.randn(*shape, generator=generator, device=device)
+        return noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
 
     def _steps(self, progress):
         for i in reversed(range(self.num_timesteps)):
@@ -726,10 +718,9 @@ def sample(model, labels, steps=250, cfg_scale=1.0, sampler="ddpm", noise=None, 
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 9. Speed: compiled blocks and CUDA graphs (train_tiny.py uses both on a GPU). Nothing above depends on them.
-# At small sizes a DiG step is about a thousand small kernels, mostly element-wise work between the matmuls, and
-# launching them from Python takes as long as running them: compile_blocks fuses the element-wise work, and a
-# CUDA graph lets the GPU replay a step without Python.
+# 9. Speed: compiled blocks and CUDA graphs (train_tiny.py uses both on a GPU). Nothing above depends on them. At
+# small sizes a DiG step is a thousand small kernels, mostly element-wise, that take as long to launch from Python
+# as to run: compile_blocks fuses the element-wise work, and a CUDA graph replays a step without Python.
 
 
 def compile_blocks(model):
@@ -745,9 +736,8 @@ def compile_blocks(model):
 
 
 class FusedGatedLinearAttention(GatedLinearAttention):
-    """GatedLinearAttention where the Triton kernel runs it, with the GLA, its output norm and its gate in one
-    operator (gla_kernel.gla_norm_gate): fewer passes over the activations, and no concatenation of in_proj's
-    gradient from four parts. compile_blocks gives each GLA layer this class."""
+    """GatedLinearAttention with its GLA, output norm and gate in one Triton operator (gla_kernel.gla_norm_gate)
+    where the kernel runs: fewer passes over the activations. compile_blocks gives each GLA layer this class."""
 
     def forward(self, x):
         if self._gla(x) is not gla_kernel.chunk_gla:
@@ -758,9 +748,8 @@ class FusedGatedLinearAttention(GatedLinearAttention):
 
 
 def _forward_recomputing(forward, x, c):
-    # A DiG block has many intermediates for its backward (gates, SwiGLU's product, the normalised GLA output
-    # times its swish gate, ...). Compiled, it keeps only x, c and what _keep_matmul_inputs_and_outputs names and
-    # recomputes the rest inside kernels its backward runs anyway: less memory for a little more time.
+    # A DiG block has many intermediates for its backward (gates, SwiGLU's product, ...). Compiled, it keeps x, c
+    # and what _keep_matmul_inputs_and_outputs names, and recomputes the rest inside kernels its backward runs.
     if not torch.is_grad_enabled():
         return forward(x, c)
     policy = functools.partial(create_selective_checkpoint_contexts, _keep_matmul_inputs_and_outputs)
@@ -768,19 +757,17 @@ def _forward_recomputing(forward, x, c):
 
 
 def _keep_matmul_inputs_and_outputs(ctx, op, *args, **kwargs):
-    # Outputs of matmuls and GLA cost matmul work to recompute. Autocast's bf16 casts are what the matmuls and
-    # the conv read: recomputing them costs a pass over the float32 stream, more than storing them in half the
-    # bytes. Everything else is element-wise on bf16 values and is recomputed.
+    # Outputs of matmuls and GLA cost matmul work to recompute; autocast's bf16 casts (what matmuls and the conv
+    # read) a pass over the float32 stream. Everything else is element-wise on bf16 values and is recomputed.
     keep = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.dig.gla_forward.default,
                   torch.ops.dig.gla_norm_gate.default, torch.ops.aten._to_copy.default)
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def capture_cuda_graph(fn, warmup=3):
-    """Run fn() `warmup` times (compilation, optimizer state; on a side stream, as CUDA graphs require), then
-    record one call: returns (graph, what that call returned). graph.replay() reruns the recorded kernels on the
-    same memory with no Python in between: fn reads tensors the caller refills in place, and each replay
-    overwrites what it returned. Autocast inside fn needs cache_enabled=False (a cached bf16 weight goes stale)."""
+    """Run fn() `warmup` times (compiling, optimizer state; on a side stream, as CUDA graphs require), then record
+    one call: returns (graph, its output). graph.replay() reruns its kernels on the same memory without Python: fn
+    reads tensors refilled in place, each replay overwrites the output; autocast needs cache_enabled=False."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -796,9 +783,8 @@ def capture_cuda_graph(fn, warmup=3):
 
 
 class GraphedDenoiser:
-    """Stands in for a DiG/DiT network in sample(), e.g. sample(GraphedDenoiser(compile_blocks(model)), labels):
-    net(x, t, y) and net.forward_with_cfg(x, t, y, scale), each replayed from a CUDA graph captured when its batch
-    shape (and guidance scale) is first seen. A sampler calls it a hundred times: a capture pays at once."""
+    """Stands in for a network in sample(), e.g. sample(GraphedDenoiser(compile_blocks(model)), labels): net(x, t, y)
+    and net.forward_with_cfg(x, t, y, scale) replay a CUDA graph captured per batch shape (and guidance scale)."""
 
     def __init__(self, net):
         self.net, self.graphs, self.parameters, self.num_classes = net, {}, net.parameters, net.num_classes
@@ -858,7 +844,6 @@ def check_sample_args(sampler, steps, noise, shape):
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f'sampler must be "ddpm" or "ddim"; got {sampler!r}')
     if not 2 <= steps <= 1000:
-        raise ValueError(f"steps must be between 2 and 1000 (the respaced process needs a step before the last); "
-                         f"got {steps}")
+        raise ValueError(f"steps must be between 2 and 1000 (a respaced process needs two); got {steps}")
     if noise is not None and tuple(noise.shape) != shape:
         raise ValueError(f"noise must be {shape} for this model and {shape[0]} labels; got {tuple(noise.shape)}")

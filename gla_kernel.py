@@ -120,10 +120,9 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
 #
 # The kernels walk a sequence in sub-chunks of SUB = 16 tokens (the smallest tile tl.dot takes), carrying the
 # state from one to the next. Inside a sub-chunk exp(G_i - G_j) = exp(G_i) * exp(-G_j) is safe while the
-# sub-chunk's summed gate stays above -FACTOR_LIMIT (with DiG's gates always: it takes gate logits below -60),
-# which makes its causal weights one small matrix product; below that they are formed element-wise, as a
-# [16, 16, K] tile whose exponents G_i - G_j (i >= j) are never positive. Longer steps would not pay: a step's
-# causal part grows with the square of its length, the number of steps falls only in proportion.
+# sub-chunk's summed gate stays above -FACTOR_LIMIT (with DiG's gates always), which makes its causal weights
+# one small matrix product; below that they are formed element-wise, as a [16, 16, K] tile whose exponents
+# G_i - G_j (i >= j) are never positive. (A step's causal part grows with the square of its length.)
 #
 # Two paths use these pieces, forward and backward alike, chosen by the length T (section 3):
 #   one pass: one program per batch and head walks the whole sequence, the state in registers.
@@ -136,18 +135,16 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
 # over the whole sequence), so with dq = dL/dq and dk = dL/dk, dL/dG_t = q_t dq_t - k_t dk_t (plus, when the final
 # state is used, its own term) and dg_t is the reverse cumulative sum of that.
 #
-# Token t of batch b, head `head`, feature d lives at (b * T + t) * row_stride + head * D + d. A contiguous
-# [B, T, H, D] tensor has row_stride = H * D; a slice of a wider [B, T, W] projection output has W, so q, k
-# and v can be read straight out of one fused input projection without copies. States live in float32
-# buffers of `slots` [K, V] slots per batch-and-head (i_bh = b * H + head); d_ names a gradient.
+# Token t of batch b, head `head`, feature d lives at (b * T + t) * row_stride + head * D + d: H * D for a
+# contiguous [B, T, H, D] tensor, W for a slice of a [B, T, W] projection output (read without copies). States
+# live in float32 buffers of `slots` [K, V] slots per batch-and-head (i_bh = b * H + head); d_ names a gradient.
 
 CHUNK, SUB = 64, 16
 
 # Triton compiles a kernel once per combination of its constexpr arguments, and by default also specialises
-# on the values of the others: an integer on being 1 or a multiple of 16, a pointer on being None. Lengths,
-# head counts, flags and the factoring limit are therefore runtime arguments it is told not to specialise
-# on, so that one compiled variant per dtype and head size serves every shape, path and option. The row
-# strides stay specialised: knowing them to be multiples of 16 lets loads be vectorised.
+# on the values of the others (an integer on being 1 or a multiple of 16, a pointer on being None). Lengths,
+# head counts, flags and the factoring limit are runtime arguments, so that one compiled variant per dtype and
+# head size serves every shape, path and option; row strides stay specialised (multiples of 16 vectorise).
 RUNTIME_ARGS = ["T", "seg_len", "slots", "NT", "H", "factor_limit", "has_start", "store_end", "has_d_end",
                 "store_d_start", "has_initial"]
 
@@ -189,10 +186,9 @@ def _in_float32(q_tile, k_tile, g_tile):
     return q_tile.to(tl.float32), k_tile.to(tl.float32), tl.cumsum(gs, axis=0), tl.sum(gs, axis=0)
 
 
-# Each step of a walk depends on the one before it, and with one program per batch and head there are few
-# programs to switch between while a step waits for its inputs to arrive from memory. So every walk asks for
-# the next sub-chunk's inputs before it works on the current one: their trip from memory overlaps the math.
-# The rows it asks for past the segment's end are redirected to row T, which reads as zeros.
+# Each step of a walk depends on the one before it, and one program per batch and head leaves few programs to
+# switch to while a step waits for memory. So a walk asks for the next sub-chunk's inputs before it works on
+# the current one (rows past the segment's end are redirected to row T, which reads as zeros).
 
 @triton.jit
 def _next_rows(t, seg_end, T, SUB: tl.constexpr):
@@ -248,10 +244,8 @@ def _fwd_kernel(q, k, v, g, o, z, w, y, start_states, end_states, stride_q, stri
 
     Walks the segment in sub-chunks of SUB tokens, carrying the state: it covers everything before the
     sub-chunk, the weights A the causal interactions inside it. One pass: the segment is the whole sequence,
-    the start state the initial state (or zeros), and the final state is stored. Three phases: segments are
-    chunks, and start_states holds the state before each of them. With NORM_GATE it also writes DiG's layer
-    output y = rms_norm(o) * w * silu(z) per head (gla_norm_gate).
-    """
+    and the final state is stored. Three phases: segments are chunks, start_states holds the state before each.
+    With NORM_GATE it also writes DiG's layer output y = rms_norm(o) * w * silu(z) per head (gla_norm_gate)."""
     n, i_bh = tl.program_id(0), tl.program_id(1)
     b, head = i_bh // H, i_bh % H
     rv = tl.arange(0, V)
@@ -276,8 +270,7 @@ def _fwd_kernel(q, k, v, g, o, z, w, y, start_states, end_states, stride_q, stri
             o_r = os.to(o.dtype.element_ty).to(tl.float32)
             zs = _load_tile(z, stride_z, b, head, t, rv, T, V).to(tl.float32)
             rstd = tl.rsqrt(tl.sum(o_r * o_r, axis=1) / V + eps)[:, None]
-            w_row = tl.load(w + rv).to(tl.float32)[None, :]
-            _store_tile(y, o_r * rstd * w_row * zs * tl.sigmoid(zs), H * V, b, head, t, rv, T, V)
+            _store_tile(y, o_r * rstd * tl.load(w + rv)[None, :] * zs * tl.sigmoid(zs), H * V, b, head, t, rv, T, V)
         S = _advance_state(S, ks, vs, G, G_last, PRECISION)
         q_tile, k_tile, g_tile, vs, t = q_next, k_next, g_next, v_next, t_next
     if store_end:
@@ -290,16 +283,14 @@ def _bwd_kernel(q, k, v, g, do, start_states, d_end_states, d_start_states, dq, 
                 factor_limit, has_start, has_d_end, store_d_start, K: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr,
                 PRECISION: tl.constexpr):
     """dq, dk, dv, dg of one segment, given the state before it (start_states) and the gradient of the state
-    after it (d_end_states). Grid (segments, B * H). One pass: the segment is the whole sequence, start_states
-    the initial state, d_end_states the final state's gradient, and d_start_states receives the initial
-    state's gradient.
+    after it (d_end_states). Grid (segments, B * H). One pass: the segment is the whole sequence, and
+    d_start_states receives the initial state's gradient.
 
     A forward walk over the sub-chunks (carrying the state) gives dq; a backward walk (carrying the state's
     gradient) gives dk and dv. dg_t = sum over tokens t' >= t of (q*dq - k*dk)_t', split as
     [everything after this segment] + [sum over the segment of q*dq] - [q*dq before t] - [k*dk from t on].
     The first term is sum_v(S_end * dS_end); the forward walk leaves -[q*dq before t] in dg_partial (float32
-    scratch) for the backward walk to finish.
-    """
+    scratch) for the backward walk to finish."""
     n, i_bh = tl.program_id(0), tl.program_id(1)
     b, head = i_bh // H, i_bh % H
     rk, rv, i = tl.arange(0, K), tl.arange(0, V), tl.arange(0, SUB)
@@ -394,8 +385,7 @@ def _chunk_update_kernel(x, y, g, states, gate_sum, stride_x, stride_y, stride_g
 
       forward  (x = k, y = v):   U_n = (k * exp(G_last - G))^T @ v      -> states slot n + 1
       backward (x = q, y = do):  U_n = scale * (q * exp(G))^T @ do     -> states slot n
-    and gate_sum[n] = G_last, the chunk's total log decay. states has NT + 1 slots, one per chunk boundary.
-    """
+    and gate_sum[n] = G_last, the chunk's total log decay. states has NT + 1 slots, one per chunk boundary."""
     n, i_bh = tl.program_id(0), tl.program_id(1)
     b, head = i_bh // H, i_bh % H
     rk, rv = tl.arange(0, K), tl.arange(0, V)
@@ -427,15 +417,11 @@ def _scan_kernel(states, gate_sum, initial, NT, has_initial, K: tl.constexpr, V:
                  BV: tl.constexpr, STEPS: tl.constexpr, REVERSE: tl.constexpr):
     """The one sequential step: S <- exp(G_last of chunk n) * S + U_n, chunk after chunk, on a [BK, BV] tile.
 
-    Grid (K / BK, V / BV, B * H). On entry `states` holds the updates U_n; on exit, the value at every chunk
-    boundary: forward, the state before chunk n in slot n (slot NT: the final state); backward, the gradient
-    of the state after chunk n in slot n + 1 (slot 0: the initial state's gradient). Each result overwrites
-    the update it was made from.
-
-    One chunk at a time, every step would wait for its own load from memory. Instead STEPS chunks are loaded
-    at once and combined by a parallel prefix scan (the steps compose associatively, see _decay_then_add),
-    which leaves one memory round trip per STEPS chunks on the sequential path.
-    """
+    Grid (K / BK, V / BV, B * H). On entry `states` holds the updates U_n; on exit (each result over the update
+    it came from) the value at every chunk boundary: forward, the state before chunk n in slot n (slot NT: the
+    final state); backward, the gradient of the state after chunk n in slot n + 1 (slot 0: the initial state's).
+    STEPS chunks are loaded at once and combined by a parallel prefix scan (the steps compose associatively, see
+    _decay_then_add): one memory round trip per STEPS chunks on the sequential path, not one per chunk."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rk, rv = i_k * BK + tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
     tile = rk[:, None] * V + rv[None, :]                                      # [BK, BV]
@@ -462,16 +448,14 @@ def _scan_kernel(states, gate_sum, initial, NT, has_initial, K: tl.constexpr, V:
         S = tl.sum(tl.where((p == STEPS - 1)[:, None, None], S_all, 0.0), axis=0)   # the last one carries on
 
 
-# DiG's layer normalises GLA's output per head and gates it: y = rms_norm(o) * w * silu(z) (the forward kernel
+# DiG's layer normalises GLA's output per head and gates it, y = rms_norm(o) * w * silu(z) (the forward kernel
 # writes y with NORM_GATE). Its backward, for rows of V features (one token and head each):
-
 @triton.jit(do_not_specialize=["rows", "H"])
 def _norm_gate_bwd_kernel(dy, o, z, w, do, dz, dw_partial, stride_z, rows, H, eps, V: tl.constexpr,
                           ROWS: tl.constexpr):
-    """do, dz, and this block's share of dw, for ROWS rows. With o_hat = o / rms(o) and u = dy * w * silu(z)
-    (the gradient of o_hat): do = (u - o_hat * mean(u * o_hat)) / rms(o), dz = dy * w * o_hat * silu'(z),
-    dw = the sum over rows of dy * o_hat * silu(z). o, dy and do are dense [rows, V]; z and dz are rows of
-    stride_z (one per token) with the heads V apart."""
+    """With o_hat = o / rms(o), u = dy * w * silu(z): do = (u - o_hat * mean(u * o_hat)) / rms(o), dz = dy * w *
+    o_hat * silu'(z), and this block's share of dw = sum of dy * o_hat * silu(z). o, dy, do: dense [rows, V];
+    z, dz: a row of stride_z per token, heads V apart."""
     r, rv = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.arange(0, V)
     inside = (r < rows)[:, None]
     dense = r[:, None].to(tl.int64) * V + rv[None, :]                             # [ROWS, V]
@@ -492,18 +476,16 @@ def _norm_gate_bwd_kernel(dy, o, z, w, do, dz, dw_partial, stride_z, rows, H, ep
 # -----------------------------------------------------------------------------------------------------------
 # 3. The PyTorch operator: forward, backward, and the wrapper that checks its inputs
 #
-# The path is chosen by the sequence length alone. One pass (T <= ONE_PASS_MAX_T) needs one launch per
-# direction and never writes a state to memory, but its walk is sequential: it wins while B * H programs fill
-# the GPU and the walk is short. Three phases are parallel enough for any batch, at the price of three
-# launches per direction and a round trip of the chunk states. python gla_kernel.py --paths times both.
+# The path is chosen by the length alone. One pass (T <= ONE_PASS_MAX_T) needs one launch per direction and
+# never writes a state to memory, but walks sequentially: it wins while B * H programs fill the GPU and the walk
+# is short. Three phases suit any batch, for three launches per direction and a round trip of the chunk states.
 #
-# The two directions are registered as PyTorch custom operators (torch.library.custom_op) with an autograd
-# formula: to torch.compile an operator is one opaque call with known output shapes, so a compiled DiG block
-# fuses everything around the kernel and leaves the kernel alone. The forward's second output is what the
-# backward needs besides the inputs: the states at every chunk boundary (three phases), or only the final
-# state (one pass, whose backward recomputes the states as it walks). Either way its last slot is the final
-# state. Outside torch.compile, chunk_gla calls the same two functions through a plain autograd.Function
-# (_EagerGLA), which costs the host less per call than the operator's dispatch.
+# The two directions are PyTorch custom operators (torch.library.custom_op) with an autograd formula: to
+# torch.compile an operator is one opaque call with known output shapes, which a compiled DiG block fuses
+# around. The forward's second output is what the backward needs besides the inputs: the states at every chunk
+# boundary (three phases), or only the final state (one pass, whose backward recomputes them as it walks); its
+# last slot is the final state. Outside torch.compile, chunk_gla calls the same two functions through a plain
+# autograd.Function (_EagerGLA), which costs the host less per call than the operator's dispatch.
 
 ONE_PASS_MAX_T = 512
 HEAD_DIMS = (16, 32, 64, 128)
@@ -519,10 +501,6 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _one_pass(T):
-    return T <= ONE_PASS_MAX_T
-
-
 def _warps(K, V):
     # A walk is a chain of small dependent steps, which more threads do not shorten: two warps for heads up to
     # DiG's 32 x 64, more only where a larger state needs the registers.
@@ -530,8 +508,8 @@ def _warps(K, V):
 
 
 def _or(state, placeholder):
-    """A state buffer, or in its absence another float32 buffer that the kernel is told (by a runtime flag)
-    not to touch. Passing None instead would make Triton compile a separate variant of the kernel."""
+    """A state buffer, or else a float32 buffer the kernel is told (by a runtime flag) not to touch: passing
+    None would make Triton compile another variant of the kernel."""
     return state if state is not None else placeholder
 
 
@@ -541,9 +519,9 @@ def _precision(dtype):
 
 
 def _rows(x):
-    """x [B, T, H, D] and its row stride, in the layout the kernels read: each token a row whose heads sit D
-    apart with unit-stride features, rows row_stride apart, one sequence after another. Contiguous tensors
-    and head views of a wider projection output already are; anything else is copied."""
+    """x [B, T, H, D] and its row stride, in the layout the kernels read (each token a row, heads D apart, unit-
+    stride features, sequences one after another): contiguous tensors and head views of a wider projection
+    output already are; anything else is copied."""
     B, T, H, D = x.shape
     packed = x.stride(3) == 1 and (H == 1 or x.stride(2) == D) and (B == 1 or x.stride(0) == T * x.stride(1))
     x = x if packed else x.contiguous()
@@ -551,7 +529,7 @@ def _rows(x):
 
 
 def _states_shape(B, T, H, K, V):
-    return (B, H, 1 if _one_pass(T) else triton.cdiv(T, CHUNK) + 1, K, V)
+    return (B, H, 1 if T <= ONE_PASS_MAX_T else triton.cdiv(T, CHUNK) + 1, K, V)
 
 
 def _boundary_states(x, stride_x, y, stride_y, g, stride_g, initial, scale, reverse):
@@ -567,9 +545,8 @@ def _boundary_states(x, stride_x, y, stride_y, g, stride_g, initial, scale, reve
         x=x, y=y, g=g, states=states, gate_sum=gate_sum, stride_x=stride_x, stride_y=stride_y, stride_g=stride_g,
         T=T, NT=NT, H=H, scale=scale, K=K, V=V, CHUNK=CHUNK, REVERSE=reverse, PRECISION=_precision(x.dtype),
         num_warps=_warps(K, V))
-    # Small [16, 16] state tiles: more programs in parallel, and a [STEPS, 16, 16] block of updates that fits
-    # in registers. Triton's interpreter runs the prefix scan slowly; blocks of 2 steps keep the CPU tests
-    # quick and still take the loop through several blocks and a ragged last one.
+    # Small [16, 16] state tiles: more programs, and a [STEPS, 16, 16] block of updates fits in registers. The
+    # interpreter scans slowly: blocks of 2 steps keep CPU tests quick, through several blocks and a ragged one.
     _scan_kernel[(K // 16, V // 16, B * H)](
         states=states, gate_sum=gate_sum, initial=_or(initial, states), NT=NT, has_initial=initial is not None,
         K=K, V=V, BK=16, BV=16, STEPS=2 if _interpreting() else 16, REVERSE=reverse, num_warps=4)
@@ -589,7 +566,7 @@ def _gla_forward(q, k, v, g, scale, initial_state, norm_gate=None):
                   stride_g=stride_g, stride_z=z.stride(1), T=T, H=H, scale=scale, eps=eps, factor_limit=FACTOR_LIMIT,
                   K=K, V=V, SUB=SUB, NORM_GATE=norm_gate is not None, PRECISION=_precision(q.dtype),
                   num_warps=_warps(K, V))
-    if _one_pass(T):
+    if T <= ONE_PASS_MAX_T:
         final = torch.empty(B, H, 1, K, V, device=q.device, dtype=torch.float32)
         _fwd_kernel[(1, B * H)](start_states=_or(initial, final), end_states=final, seg_len=T, slots=1,
                                 has_start=initial is not None, store_end=True, **launch)
@@ -609,15 +586,14 @@ def _gla_backward(q, k, v, g, initial_state, states, do, d_final_state, scale, g
     V = v.shape[-1]
     # A gradient made by broadcasting (e.g. from .sum()) has stride 0; the kernels read dense rows.
     d_final = d_final_state.float().contiguous() if d_final_state is not None else None   # [B, H, K, V]
-    dq, dk, dv = grads if grads is not None else (q.new_empty(B, T, H, K), k.new_empty(B, T, H, K),
-                                                  v.new_empty(B, T, H, V))
-    dg = g.new_empty(B, T, H, K)
+    dq, dk, dv = grads or (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+    dg = g.new_empty(g.shape)
     dg_partial = torch.empty(B, T, H, K, device=g.device, dtype=torch.float32)   # the kernel's scratch
     launch = dict(q=q, k=k, v=v, g=g, do=do, dq=dq, dk=dk, dv=dv, dg=dg, dg_partial=dg_partial, stride_q=stride_q,
                   stride_k=stride_k, stride_v=stride_v, stride_g=stride_g, stride_do=stride_do, stride_dq=dq.stride(1),
                   stride_dk=dk.stride(1), stride_dv=dv.stride(1), T=T, H=H, scale=scale, factor_limit=FACTOR_LIMIT,
                   K=K, V=V, SUB=SUB, PRECISION=_precision(q.dtype), num_warps=_warps(K, V))
-    if _one_pass(T):
+    if T <= ONE_PASS_MAX_T:
         initial = initial_state.float().contiguous() if initial_state is not None else None
         d_initial = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
         _bwd_kernel[(1, B * H)](start_states=_or(initial, d_initial), d_end_states=_or(d_final, d_initial),
@@ -643,17 +619,14 @@ gla_backward_op = torch.library.custom_op("dig::gla_backward", _gla_backward, mu
 
 @gla_forward_op.register_fake
 def _(q, k, v, g, scale, initial_state):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    (B, T, H, K), V = q.shape, v.shape[-1]
     return v.new_empty(B, T, H, V), q.new_empty(_states_shape(B, T, H, K, V), dtype=torch.float32)
 
 
 @gla_backward_op.register_fake
 def _(q, k, v, g, initial_state, states, do, d_final_state, scale):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    return (q.new_empty(B, T, H, K), k.new_empty(B, T, H, K), v.new_empty(B, T, H, V), g.new_empty(B, T, H, K),
-            q.new_empty(B, H, K, V, dtype=torch.float32))
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), g.new_empty(g.shape),
+            q.new_empty(*q.shape[::2], q.shape[3], v.shape[3], dtype=torch.float32))   # [B, H, K, V]
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -664,8 +637,7 @@ def _save_for_backward(ctx, inputs, output):
 
 def _gla_gradients(ctx, do, d_states, backward=torch.ops.dig.gla_backward):
     q, k, v, g, initial_state, states = ctx.saved_tensors
-    # Only the last slot of the states (the final state) is ever handed to a caller, so only it can carry a
-    # gradient.
+    # Only the last slot of the states (the final state) is ever handed to a caller: only it has a gradient.
     d_final_state = d_states[:, :, -1] if d_states is not None else None
     if do is None:      # only the final state was used
         do = v.new_zeros(*q.shape[:3], v.shape[-1])
@@ -677,9 +649,8 @@ gla_forward_op.register_autograd(_gla_gradients, setup_context=_save_for_backwar
 
 
 class _EagerGLA(torch.autograd.Function):
-    """The same forward and backward for calls outside torch.compile. A custom operator's dispatch and
-    autograd wrapping add host time to every eager call, at DiG-S/2 sizes comparable to the kernels' GPU
-    time; a plain autograd.Function around the same two functions adds much less."""
+    """The same forward and backward outside torch.compile: a custom operator's dispatch adds host time to every
+    eager call (at DiG-S/2 sizes comparable to the kernels' GPU time); a plain autograd.Function much less."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state):
@@ -725,15 +696,13 @@ def _check_kernel_inputs(q, k, v, g, initial_state):
     _check_inputs(q, k, v, g, initial_state)
     K, V = q.shape[-1], v.shape[-1]
     if K not in HEAD_DIMS or V not in HEAD_DIMS:
-        raise ValueError(f"chunk_gla supports head dims K, V in {HEAD_DIMS}; got K={K}, V={V} "
-                         f"(chunk_gla_torch takes any size)")
+        raise ValueError(f"chunk_gla supports head dims K, V in {HEAD_DIMS}; got K={K}, V={V} (chunk_gla_torch: any)")
     if q.dtype not in DTYPES:
         raise ValueError(f"chunk_gla supports dtypes {DTYPES}; got {q.dtype}")
     tensors = [q, k, v, g] + ([initial_state] if initial_state is not None else [])
     if not all(x.is_cuda for x in tensors) and not _interpreting():
-        raise ValueError("chunk_gla runs Triton GPU kernels: pass CUDA tensors (all of q, k, v, g and "
-                         "initial_state); for CPU tensors use chunk_gla_torch, or set TRITON_INTERPRET=1 "
-                         "before importing triton to run the kernels in Triton's (slow) interpreter")
+        raise ValueError("chunk_gla runs Triton GPU kernels: pass CUDA tensors; for CPU tensors use chunk_gla_torch, "
+                         "or set TRITON_INTERPRET=1 before importing triton (Triton's slow interpreter)")
     if len({x.device for x in tensors}) != 1:
         raise ValueError(f"all inputs must be on one device; got {sorted({str(x.device) for x in tensors})}")
 
@@ -741,16 +710,15 @@ def _check_kernel_inputs(q, k, v, g, initial_state):
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, check_gate=True):
     """Gated linear attention with the Triton kernels (forward and backward). Returns (o, final_state or None).
 
-    q, k, g: [B, T, H, K]; v: [B, T, H, V]; initial_state: [B, H, K, V] or None; any T >= 1.
-    K and V each one of 16, 32, 64, 128; dtype float16, bfloat16 or float32 (all four the same); CUDA tensors
-    (CPU tensors only under TRITON_INTERPRET=1). Head views of a wider tensor (q, k, v sliced out of one
-    projection output) are read in place; other non-contiguous inputs are copied first.
-    Accumulation and the state are float32; o has the dtype of v, the final state is float32.
+    q, k, g: [B, T, H, K]; v: [B, T, H, V]; initial_state: [B, H, K, V] or None; any T >= 1. K and V each one
+    of 16, 32, 64, 128; dtype float16, bfloat16 or float32 (all four the same); CUDA tensors (CPU tensors only
+    under TRITON_INTERPRET=1). Head views of one wider projection output are read in place; other
+    non-contiguous inputs are copied first. Accumulation and the state are float32; o has the dtype of v.
 
-    g must be <= 0. With check_gate=True (the default) a positive or NaN gate raises ValueError; the check
-    reads g on the host, which costs a device synchronisation, so callers whose gates are <= 0 by construction (DiG's
-    logsigmoid(x) / 16) pass check_gate=False. An unchecked positive gate makes exp(G_i - G_j) grow instead
-    of decay: results stay right while the summed gates fit float32 and turn to inf or NaN after that.
+    g must be <= 0. With check_gate=True (the default) a positive or NaN gate raises ValueError; the check reads
+    g on the host (a device synchronisation), so callers whose gates are <= 0 by construction (DiG's
+    logsigmoid(x) / 16) pass check_gate=False. An unchecked positive gate makes exp(G_i - G_j) grow: results
+    stay right while the summed gates fit float32, then turn to inf or NaN.
     """
     _check_kernel_inputs(q, k, v, g, initial_state)
     if check_gate:
@@ -764,9 +732,8 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
 
 
 # DiG's GLA layer between its two projections as one operator. Unfused, the output norm and gate are separate
-# kernels, and in_proj's gradient is assembled by concatenating dq, dk, dv and the gate's gradient. Here the
-# forward kernel writes y as well as o, one kernel computes the norm's and gate's backward, and the backward
-# kernels write dq, dk, dv into one buffer laid out like in_proj's output.
+# kernels and in_proj's gradient is a concatenation of dq, dk, dv and dz. Here the forward kernel writes y with
+# o, one kernel runs the norm's and gate's backward, and dq, dk, dv, dz are written into one buffer.
 
 def _split_proj(proj, H, K):
     """q, k [B, T, H, K] and v, z [B, T, H, V]: head views of proj = [q | k | v | z], [B, T, 2HK + 2HV]."""
@@ -784,10 +751,9 @@ def _norm_gate_forward(proj, g, norm_weight, scale, eps):
 
 def _norm_gate_backward(proj, g, norm_weight, o, states, dy, scale, eps):
     """The gradients of proj (one tensor), g and norm_weight."""
-    B, T, H, V = o.shape
-    d_proj = torch.empty_like(proj)
-    (q, k, v, z), (dq, dk, dv, dz) = _split_proj(proj, H, g.shape[3]), _split_proj(d_proj, H, g.shape[3])
-    do, rows, ROWS = torch.empty_like(o), B * T * H, 64
+    (B, T, H, V), K = o.shape, g.shape[3]
+    d_proj, do, rows, ROWS = torch.empty_like(proj), torch.empty_like(o), B * T * H, 64
+    (q, k, v, z), (dq, dk, dv, dz) = _split_proj(proj, H, K), _split_proj(d_proj, H, K)
     dw_partial = torch.empty(triton.cdiv(rows, ROWS), V, device=o.device, dtype=torch.float32)
     _norm_gate_bwd_kernel[(triton.cdiv(rows, ROWS),)](
         dy=dy.contiguous(), o=o, z=z, w=norm_weight, do=do, dz=dz, dw_partial=dw_partial, stride_z=proj.stride(1),
@@ -805,15 +771,14 @@ norm_gate_backward_op = torch.library.custom_op("dig::gla_norm_gate_backward", _
 
 @norm_gate_op.register_fake
 def _(proj, g, norm_weight, scale, eps):
-    B, T, H, K = g.shape
-    V = (proj.shape[2] - 2 * H * K) // (2 * H)
+    (B, T, H, K), V = g.shape, norm_weight.shape[0]
     return (proj.new_empty(B, T, H * V), proj.new_empty(B, T, H, V),
             proj.new_empty(_states_shape(B, T, H, K, V), dtype=torch.float32))
 
 
 @norm_gate_backward_op.register_fake
 def _(proj, g, norm_weight, o, states, dy, scale, eps):
-    return torch.empty_like(proj), torch.empty_like(g), torch.empty_like(norm_weight)
+    return proj.new_empty(proj.shape), g.new_empty(g.shape), norm_weight.new_empty(norm_weight.shape)
 
 
 def _norm_gate_save(ctx, inputs, output):
@@ -822,8 +787,7 @@ def _norm_gate_save(ctx, inputs, output):
 
 
 def _norm_gate_gradients(ctx, dy, _do, _d_states):   # o and the states are the backward's, not a caller's
-    d_proj, dg, d_norm_weight = torch.ops.dig.gla_norm_gate_backward(*ctx.saved_tensors, dy, ctx.scale, ctx.eps)
-    return d_proj, dg, d_norm_weight, None, None
+    return (*torch.ops.dig.gla_norm_gate_backward(*ctx.saved_tensors, dy, ctx.scale, ctx.eps), None, None)
 
 
 norm_gate_op.register_autograd(_norm_gate_gradients, setup_context=_norm_gate_save)
@@ -832,9 +796,8 @@ norm_gate_op.register_autograd(_norm_gate_gradients, setup_context=_norm_gate_sa
 def gla_norm_gate(proj, g, norm_weight, scale=None, eps=1e-6):
     """DiG's GLA layer between its projections: y = rms_norm(o) * norm_weight * silu(z) per head, where
     o = chunk_gla(q, k, v, g)[0] and proj = [q | k | v | z] [B, T, 2HK + 2HV] is the input projection's output
-    (q, k [B, T, H, K], v and the output gate z [B, T, H, V], each flattened over its heads). g: [B, T, H, K],
-    <= 0 (not checked); norm_weight: [V]. Returns y [B, T, H * V] in proj's dtype. Takes what chunk_gla takes
-    (no initial or final state), as one operator, forward and backward, torch.compile included."""
+    (q, k, v and the output gate z flattened over heads). g: [B, T, H, K], <= 0 (not checked); norm_weight: [V].
+    Returns y [B, T, H * V] in proj's dtype. Sizes, dtypes, devices as chunk_gla; no initial or final state."""
     B, T, H, K = g.shape if g.dim() == 4 else (0, 0, 0, 0)
     V = norm_weight.shape[0] if norm_weight.dim() == 1 else 0
     if not H or not V or proj.shape != (B, T, 2 * H * (K + V)):
@@ -849,13 +812,11 @@ def gla_norm_gate(proj, g, norm_weight, scale=None, eps=1e-6):
 # 4. Benchmark: python gla_kernel.py [--paths]  (on a GPU)
 #
 # Forward + backward at DiG shapes (K = 32, V = 64; DiG-S/2 has 6 heads and 16384 tokens per step from 256 to
-# 2048 px, DiG-XL/2 18 heads), median of triton.testing.do_bench. "eager" launches every call from Python, as
-# a user calling the function gets; "graph" replays the same call captured as a CUDA graph, the GPU time
-# alone. The floor is the time to move the bytes that must move (q, k, v, g read and o written by the
-# forward; q, k, v, g, do read and dq, dk, dv, dg written by the backward) at the bandwidth of a large
-# device-to-device copy measured in the same run. Baselines side by side: softmax attention through
-# scaled_dot_product_attention (FlashAttention, head dim 64, non-causal as in DiT) and, when installed,
-# flash-linear-attention's chunk_gla.
+# 2048 px, DiG-XL/2 18 heads), medians of triton.testing.do_bench: "eager" launches every call from Python,
+# "graph" replays it from a CUDA graph (the GPU time alone). The floor moves the bytes that must move (forward:
+# q, k, v, g in, o out; backward: q, k, v, g, do in, dq, dk, dv, dg out) at the bandwidth of a large copy
+# measured in the same run. Baselines: softmax attention through scaled_dot_product_attention (FlashAttention,
+# head dim 64, non-causal as in DiT) and, when installed, flash-linear-attention's chunk_gla.
 
 BENCH_SHAPES = [(64, 256, 6), (16, 1024, 6), (4, 4096, 6), (1, 12544, 6), (1, 16384, 6), (1, 16384, 18)]
 
@@ -863,8 +824,7 @@ BENCH_SHAPES = [(64, 256, 6), (16, 1024, 6), (4, 4096, 6), (1, 12544, 6), (1, 16
 def _copy_bandwidth():
     """Bytes per second of a 1 GiB device-to-device copy (read + write), the practical memory ceiling."""
     from triton.testing import do_bench
-    x = torch.empty(2 ** 28, device="cuda")
-    y = torch.empty_like(x)
+    x, y = torch.empty(2 ** 28, device="cuda"), torch.empty(2 ** 28, device="cuda")
     return 2 * x.numel() * 4 / (do_bench(lambda: y.copy_(x), return_mode="median") * 1e-3)
 
 
