@@ -1,7 +1,4 @@
-"""Tests of dig, a section per file and part, in their order: 1. gla_kernel.py, the PyTorch chunked form and the
-Triton kernel against the float64 recurrence; 2.-4. dig.py sections 1-6 (the model), 7-8 (diffusion and sampling)
-and 9 (compiled blocks); 5.-6. train_tiny.py sections 1-3 (recipe, training step, runs) and 4-9 (command line,
-data, checkpoints, pictures, progress); 7. results/judge.py (samples from a run and the ResNet-56 judge).
+"""Tests of dig, a section per file and part, in order: gla_kernel.py, dig.py, train_tiny.py and results/judge.py.
 
     pytest test_dig.py           # on a CPU in a few minutes (Triton's interpreter, set below); GPU-only tests skip
     pytest -n 8 test_dig.py      # 8 processes (pytest-xdist): on a GPU machine they compile kernels side by side
@@ -47,8 +44,7 @@ DEVICE = "cuda" if GPU else "cpu"  # where the Triton kernel runs (on a CPU: in 
 DATA = os.environ.get("DIG_DATA", os.path.join(HERE, "..", "shared", "data"))
 REAL_RESNET = os.path.join(DATA, "resnet56-4bfd9763.th")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-needs_real_data = pytest.mark.skipif(not os.path.exists(REAL_RESNET), reason=f"no ResNet-56 weights and real "
-                                     f"CIFAR-10 images in DIG_DATA ({DATA})")
+needs_real_data = pytest.mark.skipif(not os.path.exists(REAL_RESNET), reason=f"no ResNet-56 weights in {DATA}")
 BASE_SEED = int(os.environ.get("DIG_TEST_SEED", "0"))
 
 
@@ -63,15 +59,15 @@ def seed(request):
     return value
 
 
-# Tolerances follow from how rounding propagates, judged as a relative error in norm against float64. A
-# float32 result is a chain of roundings, each off by at most u = 2^-24 = 6e-8. The longest chain in GLA is a
-# K-term dot product (K <= 128), a 16-term sum of gates whose total G reaches 60 in a factored sub-chunk (so
-# exp(G) inherits 60 u), and T/16 state updates: about 300 u = 1.8e-5, so 2e-5. On a GPU tl.exp is the
-# hardware's exp2, good to 2^-22 rather than 2^-24: 300 * 2^-22 = 7e-5, so 1e-4. The kernels round each input
-# and each tl.dot operand to the input dtype, about 10 roundings deep: fp16 (u = 2^-11) 10 u = 5e-3, bf16
-# (u = 2^-8) 8 u = 3e-2; float32 accumulation makes the rest negligible.
+# Tolerances follow from how rounding propagates, as a relative error in norm against float64. A float32 result is a
+# chain of roundings, each off by at most u = 2^-24 = 6e-8; GLA's longest is a K-term dot product (K <= 128), a 16-term
+# sum of gates whose total G reaches 60 in a factored sub-chunk (so exp(G) inherits 60 u), and T/16 state updates: about
+# 300 u = 1.8e-5, so 2e-5. On a GPU tl.exp is the hardware's exp2, good to 2^-22 rather than 2^-24: 300 * 2^-22 = 7e-5,
+# so 1e-4. The kernels round each input and tl.dot operand to the input dtype, about 10 roundings deep: fp16 (u = 2^-11)
+# 10 u = 5e-3, bf16 (u = 2^-8) 8 u = 3e-2; float32 accumulation makes the rest negligible.
 FP32_TOL = 1e-4 if GPU else 2e-5
 HALF_TOLS = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+_REFERENCE = {}   # check_against_naive's last float64 result
 
 
 def assert_close(name, got, ref, tol, magnitude=0.0):
@@ -96,9 +92,6 @@ def make_gla_inputs(B, T, H, K, V, gates, with_initial_state, seed, device="cpu"
          "mixed": lambda: torch.where(x > 1, -8.0 + x, F.logsigmoid(x) / 4)}[gates]()   # some forget at once
     h0 = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64).to(device) if with_initial_state else None
     return [t.to(device) for t in (q, k, v, g)], h0
-
-
-_REFERENCE = {}
 
 
 def check_against_naive(fn, shape, gates, with_h0, dtype, tol, device, seed, final_state_used=True):
@@ -131,24 +124,8 @@ def check_against_naive(fn, shape, gates, with_h0, dtype, tol, device, seed, fin
 # dtype is a set of kernels to compile, most of what the GPU tests cost (other shapes and options reuse them).
 GLA_SHAPES = [(2, 1, 2, 32, 64), (2, 17, 2, 32, 16), (1, 64, 3, 16, 32), (2, 100, 2, 32, 64), (1, 300, 2, 16, 32)]
 GATES = ["mild", "strong", "mixed", "edge"]
-
-
-@pytest.mark.parametrize("shape", GLA_SHAPES)
-@pytest.mark.parametrize("gates", GATES)
-def test_torch_chunked_matches_naive(shape, gates, seed):
-    check_against_naive(chunk_gla_torch, shape, gates, gates != "strong", torch.float64, 1e-10, "cpu", seed)
-
-
-# The Triton operator runs one of two paths, chosen by the length: tests of its numbers force each in turn.
+# The Triton operator runs one of two paths, chosen by the length: the `path` fixture forces each in turn.
 PATHS = {"one pass": 10 ** 9, "three phases": 0}
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    monkeypatch.setattr(gla_kernel, "ONE_PASS_MAX_T", PATHS[request.param])
-    return request.param
-
-
 # Every shape and gate kind on both paths, with an initial state except under strong gates (in the interpreter not
 # every pairing; on a GPU also a long sequence); mild gates on the element-wise path (factoring limit 0); DiG's case,
 # no initial or final state (placeholder buffers the kernels must not read); fp16 tl.dot (on a GPU: its own test).
@@ -158,6 +135,18 @@ TRITON_CASES = [(shape, gates, gates != "strong", True, torch.float32, None) for
     ((2, 100, 2, 32, 64), "mild", True, True, torch.float32, 0.0),   # shape, gates, initial state, final state
     ((2, 70, 2, 16, 32), "mixed", False, False, torch.float32, None)] + (   # used, dtype, FACTOR_LIMIT if not None
     [] if GPU else [((2, 100, 2, 32, 64), "mixed", True, True, torch.float16, None)])
+
+
+@pytest.mark.parametrize("shape", GLA_SHAPES)
+@pytest.mark.parametrize("gates", GATES)
+def test_torch_chunked_matches_naive(shape, gates, seed):
+    check_against_naive(chunk_gla_torch, shape, gates, gates != "strong", torch.float64, 1e-10, "cpu", seed)
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setattr(gla_kernel, "ONE_PASS_MAX_T", PATHS[request.param])
+    return request.param
 
 
 @pytest.mark.parametrize("shape,gates,with_h0,final_state_used,dtype,factor_limit", TRITON_CASES, ids=[
@@ -213,15 +202,12 @@ NORM_GATE_CASES = [((2, 37, 2, 16, 32), "mild"), ((2, 100, 2, 32, 16), "strong")
 @pytest.mark.parametrize("shape,gates", NORM_GATE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16 if GPU else torch.float16])
 def test_gla_norm_gate_matches_its_definition(shape, gates, dtype, path, seed):
-    # y = rms_norm(GLA(q, k, v, g)) * w * silu(z) per head, against the float64 recurrence: y and the gradients of
-    # proj (one tensor), g and w. (dg: as in check_against_naive, a difference of terms, judged by their size.)
-    # The norm adds two V-term sums to each chain of roundings (at most 2 * 64 u on top of GLA's 300 u): 1.5x.
-    # In half precision dq and dk are differences of large terms too (y does not change when o_t is scaled, so
-    # dq_t is orthogonal to q_t), whose rounding no fixed bound covers: where the same layer unfused (chunk_gla,
-    # then rms_norm and the gate, in that dtype) errs more than the usual bound, the fused one may err 1.5x as much.
-    B, T, H, K, V = shape
+    # Against float64, per head: y = rms_norm(GLA(q, k, v, g)) * w * silu(z) and the gradients of proj, g and w (dg: by
+    # its terms' size). The norm adds two V-term sums to each rounding chain (<= 2 * 64 u on GLA's 300 u): 1.5x. In half
+    # precision dq, dk are differences of large terms too (y ignores o_t's scale, so dq_t is orthogonal to q_t), beyond
+    # any fixed bound: then the bar is 1.5x the unfused layer's error (chunk_gla, rms_norm, gate) in that dtype.
     (q, k, v, g), _ = make_gla_inputs(*shape, gates, False, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
+    (B, T, H, K, V), gen = shape, torch.Generator().manual_seed(seed + 1)
     z, dy = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64), torch.randn(B, T, H * V, generator=gen)
     proj, w = torch.cat([x.flatten(2) for x in (q, k, v, z)], 2), torch.rand(V, generator=gen).double() + 0.5
 
@@ -229,14 +215,12 @@ def test_gla_norm_gate_matches_its_definition(shape, gates, dtype, path, seed):
         q, k, v, z = gla_kernel._split_proj(proj, H, K)
         o = gla(q, k, v, g)[0].to(proj.dtype)
         return (F.rms_norm(o, (V,), w.to(o.dtype), eps=1e-6) * F.silu(z)).flatten(2)
-    results = []
-    for fn, dt in [(definition, torch.float64), (gla_kernel.gla_norm_gate, dtype), (functools.partial(
-            definition, gla=chunk_gla), dtype if dtype != torch.float32 else None)]:
-        if dt is not None:
-            xs = [x.to(DEVICE, dt).detach().requires_grad_() for x in (proj, g, w)]
-            y = fn(*xs)
-            (y.double() * dy.to(DEVICE)).sum().backward()
-            results.append([y] + [x.grad for x in xs])
+    results = []   # [y, d_proj, dg, d_norm_weight] of the definition, the fused layer and (half precision) unfused
+    for fn, dt in [(definition, torch.float64), (gla_kernel.gla_norm_gate, dtype)] + (
+            [] if dtype == torch.float32 else [(functools.partial(definition, gla=chunk_gla), dtype)]):
+        xs = [x.to(DEVICE, dt).detach().requires_grad_() for x in (proj, g, w)]
+        ((y := fn(*xs)).double() * dy.to(DEVICE)).sum().backward()
+        results.append([y] + [x.grad for x in xs])
     dq, dk = gla_kernel._split_proj(results[0][1], H, K)[:2]
     dg_terms = (q.to(DEVICE) * dq).norm().item() + (k.to(DEVICE) * dk).norm().item()
     for i, name in enumerate(["y", "d_proj", "dg", "d_norm_weight"]):
@@ -274,11 +258,10 @@ def test_gla_bad_inputs_supported_heads_benchmark_helpers_and_a_dig_that_learns_
     monkeypatch.setattr(gla_kernel, "_interpreting", lambda: False)
     with pytest.raises(ValueError, match="CUDA tensors"):
         chunk_gla(q.cpu(), k.cpu(), v.cpu(), g.cpu())
-    # Where Triton does not install (macOS, Windows), dig imports, the Triton kernel says what it needs, and a DiG
-    # learns on the PyTorch path what only token mixing can fit: 8 noisy inputs x_t, the same image but for its
-    # top-left patch, each with its own noise eps everywhere. With the depthwise convs frozen at the identity, GLA
-    # is the only way from that patch to the other 15 tokens: without it the best MSE is the mean of the 8 targets,
-    # 7/8 * 15/16 = 0.82; at init (output 0) it is E[eps^2] = 1. The child hides Triton before anything imports it.
+    # Without Triton (macOS, Windows; the child hides it before any import) dig imports, the kernel says what it needs,
+    # and a DiG learns on the PyTorch path what only token mixing can fit: 8 inputs x_t, one image but for its top-left
+    # patch, each with its own noise eps. With the depthwise convs frozen at the identity only GLA links that patch to
+    # the other 15 tokens: without it the best MSE (the 8 targets' mean) is 7/8 * 15/16 = 0.82; at init E[eps^2] = 1.
     code = """
 import math, sys
 sys.modules["triton"] = None                      # from here on, `import triton` raises ImportError
@@ -319,6 +302,9 @@ except RuntimeError as e:
 TINY_MODEL = dict(hidden_size=64, num_heads=2, patch_size=2, input_size=8, in_channels=4, num_classes=10)
 tiny_dig = functools.partial(dig.DiG, depth=4, **TINY_MODEL)    # keywords given to a call replace these
 tiny_dit = functools.partial(dig.DiT, depth=2, **TINY_MODEL)
+# The paper's counts at 256 px (latent 32 x 32 x 4, 1000 classes, learned sigma), as it writes them.
+PAPER_PARAMS = {"DiG-S/2": "33.1M", "DiG-B/2": "130.8M", "DiG-L/2": "465M", "DiG-XL/2": "676M",
+                "DiT-S/2": "33.0M", "DiT-B/2": "130.5M", "DiT-L/2": "458M", "DiT-XL/2": "675M"}
 
 
 def randomize_(model, std=0.1, seed=0, parts=("adaLN_modulation", "final_layer")):
@@ -380,8 +366,7 @@ def test_block_parts_embeddings_and_unpatchify_match_their_definitions():
     m = dig.GatedLinearAttention(dim=32, num_heads=2).double()
     torch.nn.init.uniform_(m.norm_weight, 0.5, 1.5)
     x, H, K, V = torch.randn(2, 9, 32, dtype=torch.float64), 2, 8, 16
-    # in_proj's rows: q (16), k (16), v (32), output gate (32).
-    W_q, W_k, W_v, W_out_gate = m.in_proj.weight.split([16, 16, 32, 32], dim=0)
+    W_q, W_k, W_v, W_out_gate = m.in_proj.weight.split([16, 16, 32, 32], dim=0)   # in_proj's rows
     q, k, v = (x @ W_q.T).view(2, 9, H, K), (x @ W_k.T).view(2, 9, H, K), (x @ W_v.T).view(2, 9, H, V)
     g = F.logsigmoid(m.forget_gate(x @ m.forget_low_rank.weight.T)).view(2, 9, H, K) / 16
     o = naive_gla(q, k, v, g, scale=K ** -0.5)[0]
@@ -414,14 +399,12 @@ def test_block_parts_embeddings_and_unpatchify_match_their_definitions():
     # The first block sees each patch's embedding plus its position; unpatchify puts every value in its pixel.
     model, E, p, D, seen = tiny_dig(in_channels=3), 4, 2, 64, []            # learned sigma: 6 output channels
     model.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-    x = torch.randn(2, 3, 8, 8)
-    model(x, torch.tensor([3, 700]), torch.tensor([1, 2]))
+    model(x := torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2]))
     W, b, pe = model.x_embedder.weight.reshape(D, -1), model.x_embedder.bias, dig.sincos_pos_embed(D, E)
     for h, w in np.ndindex(E, E):                  # token h * E + w is the patch at row h, column w
         patch = x[:, :, h * p:(h + 1) * p, w * p:(w + 1) * p].reshape(2, -1)
         torch.testing.assert_close(seen[0][:, h * E + w], patch @ W.T + b + pe[h * E + w], atol=1e-5, rtol=1e-5)
-    tokens = torch.randn(2, E * E, p * p * 6)
-    out = model.unpatchify(tokens)                                        # [2, 6, E p, E p]
+    out = model.unpatchify(tokens := torch.randn(2, E * E, p * p * 6))     # [2, 6, E p, E p]
     for h, w, i, j, c in np.ndindex(E, E, p, p, 6):
         assert torch.equal(out[:, c, h * p + i, w * p + j], tokens[:, h * E + w, (i * p + j) * 6 + c])
 
@@ -440,11 +423,6 @@ def expected_params(kind, depth, D, heads, patch, in_channels, out_channels, num
     else:
         block = adaln + (3 * D * D + 3 * D) + (D * D + D) + (4 * D * D + 4 * D) + (4 * D * D + D)
     return trunk + depth * block
-
-
-# The paper's counts at 256 px (latent 32 x 32 x 4, 1000 classes, learned sigma), as it writes them.
-PAPER_PARAMS = {"DiG-S/2": "33.1M", "DiG-B/2": "130.8M", "DiG-L/2": "465M", "DiG-XL/2": "676M",
-                "DiT-S/2": "33.0M", "DiT-B/2": "130.5M", "DiT-L/2": "458M", "DiT-XL/2": "675M"}
 
 
 @pytest.mark.parametrize("size", dig.SIZES)
@@ -472,8 +450,7 @@ def test_label_dropout_guidance_dit_attention_variants_and_bad_inputs():
     forced, table = emb(torch.tensor([1, 2]), force_drop_ids=torch.tensor([1, 0])), emb.embedding_table.weight
     assert torch.equal(forced[0], table[10]) and torch.equal(forced[1], table[2])
     # forward_with_cfg guides all channels of eps, and leaves v alone. (The null label is a valid input.)
-    model = randomize_(tiny_dig()).eval()
-    x, t, y = model_inputs(model, n=2)
+    x, t, y = model_inputs(model := randomize_(tiny_dig()).eval(), n=2)
     null = torch.full_like(y, model.num_classes)
     cond, uncond, C = model(x, t, y), model(x, t, null), model.in_channels
     for scale in (1.0, 0.0, 4.0):
@@ -492,8 +469,7 @@ def test_label_dropout_guidance_dit_attention_variants_and_bad_inputs():
     # DiT's two attentions agree (no label dropout: in training mode each call would drop other labels).
     sdpa, mat = randomize_(tiny_dit(class_dropout_prob=0)), tiny_dit(attention="materialized", class_dropout_prob=0)
     mat.load_state_dict(sdpa.state_dict())
-    out = sdpa(*model_inputs(sdpa))
-    assert out.abs().max() > 1e-3
+    assert (out := sdpa(*model_inputs(sdpa))).abs().max() > 1e-3
     torch.testing.assert_close(mat(*model_inputs(sdpa)), out, atol=1e-5, rtol=1e-4)
 
 
@@ -533,8 +509,7 @@ def test_schedule_respacing_forward_process_posterior_and_kl_match_closed_forms(
     np.testing.assert_allclose(DIFFUSION.alphas_cumprod, ABAR, rtol=1e-10)
     # Respaced, the process keeps the marginals q(x_t | x0) of the steps it keeps.
     for spacing, count in [("", 1000), ("250", 250), ("ddim50", 50), ("10,20,5", 35), ([4, 4], 8), ("1000", 1000)]:
-        spaced = dig.create_diffusion(spacing)
-        kept = spaced.timestep_map
+        kept = (spaced := dig.create_diffusion(spacing)).timestep_map
         assert spaced.num_timesteps == count == len(set(kept.tolist())) and np.all(np.diff(kept) > 0)
         np.testing.assert_allclose(spaced.alphas_cumprod, DIFFUSION.alphas_cumprod[kept], rtol=1e-12)
     with pytest.raises(ValueError):
@@ -632,9 +607,8 @@ class PerfectModel(torch.nn.Module):
         super().__init__()
         self.table = (torch.rand(num_classes + 1, 2, 4, 4) * 2 - 1 if table is None else table).double()
         self.num_classes, self.in_channels, self.input_size = len(self.table) - 1, *self.table.shape[1:3]
-        self.v = v                       # the variance value: -1 is the true posterior variance
+        self.v, self.seen = v, []        # v: the variance value; -1 is the true posterior variance
         self.unused = torch.nn.Parameter(torch.zeros(1))   # sample() finds the device through the parameters
-        self.seen = []
 
     def forward(self, x, t, y):
         abar = self.abar[t].view(-1, 1, 1, 1)
@@ -669,10 +643,9 @@ def test_ddim_with_noise_and_ddpm_take_the_steps_of_their_formulas(seed):
     # Two steps with large betas (0.3, 0.5), eps = the constant e, x_1 = a, eta = 1: the step 1 -> 0 draws
     # x_0' = sqrt(abar_0) x0^ + sqrt(1 - abar_0 - s2) e + sqrt(s2) z, s2 = (1 - abar_0) / (1 - abar_1) (1 - abar_1
     # / abar_0), and the last step returns (x_0' - sqrt(1 - abar_0) e) / sqrt(abar_0). 90,000 pixels' moments.
-    e, a, gen = 0.3, 0.5, torch.Generator().manual_seed(seed)
-    out = dig.GaussianDiffusion([0.3, 0.5]).ddim_sample_loop(
-        constant_model(torch.full((1, 1, 300, 300), e), 0.0), (1, 1, 300, 300), noise=torch.full((1, 1, 300, 300), a),
-        eta=1.0, generator=gen).double()
+    e, a, gen, shape = 0.3, 0.5, torch.Generator().manual_seed(seed), (1, 1, 300, 300)
+    out = dig.GaussianDiffusion([0.3, 0.5]).ddim_sample_loop(constant_model(torch.full(shape, e), 0.0), shape,
+                                                            noise=torch.full(shape, a), eta=1.0, generator=gen).double()
     abar_0, abar_1 = 0.7, 0.7 * 0.5
     s2 = (1 - abar_0) / (1 - abar_1) * (1 - abar_1 / abar_0)
     x0_hat = (a - math.sqrt(1 - abar_1) * e) / math.sqrt(abar_1)
@@ -719,8 +692,7 @@ def test_sampling_a_real_model(seed):
         with pytest.raises(ValueError, match=message):
             dig.sample(model, labels, steps=5, **bad)
     # Initial noise goes where the weights are, also for bound methods and (as dig.GraphedDenoiser) mere .parameters().
-    net = tiny_dig().to("meta")
-    wrapper = types.SimpleNamespace(parameters=net.parameters)
+    wrapper = types.SimpleNamespace(parameters=(net := tiny_dig().to("meta")).parameters)
     for model in (net, wrapper, types.MethodType(lambda self, *args: None, wrapper), net.forward_with_cfg):
         assert DIFFUSION._initial_noise(model, (1, 4, 8, 8), None, None, None).device.type == "meta"
 
@@ -735,10 +707,8 @@ def test_compiled_blocks_match_eager(monkeypatch):
     # Inductor's tracing and recomputation policy without its C++ code generation; the GPU tests run Inductor.
     monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile,
                                                                             backend="aot_eager"))
-    for model in (randomize_(tiny_dig(input_size=12, class_dropout_prob=0)),
-                  randomize_(tiny_dit(class_dropout_prob=0))):
-        compiled = dig.compile_blocks(copy.deepcopy(model))
-        x, t, y = model_inputs(model)
+    for model in map(randomize_, (tiny_dig(input_size=12, class_dropout_prob=0), tiny_dit(class_dropout_prob=0))):
+        compiled, (x, t, y) = dig.compile_blocks(copy.deepcopy(model)), model_inputs(model)
         out, out_compiled = model(x, t, y), compiled(x, t, y)
         (out.square().sum() + out_compiled.square().sum()).backward()
         assert_close("output", out_compiled, out, FP32_TOL)
@@ -770,12 +740,11 @@ def forward_backward(model, x, t, y, w, autocast=False):
 @needs_gpu
 @pytest.mark.parametrize("input_size", [16, 46])   # 64 tokens (one pass); 529 tokens (three phases)
 def test_dig_on_gpu_triton_matches_torch_path_and_compiled_matches_eager(input_size, seed, monkeypatch):
-    # The model's GPU path (the Triton kernel behind a custom operator) against chunk_gla_torch on the same weights,
-    # in fp32; then compile_blocks (the operator in compiled blocks, with the recomputation policy) against eager, in
-    # fp32 and under bf16 autocast. bf16 keeps 8 bits (u = 3.9e-3): the output is a few roundings deep (2e-2), all
-    # gradients together 3e-2; one parameter's gradient, a sum of terms that cancel (GLA's input and gate
-    # projections), errs more the more they cancel: 0.15. Width 128, 2 heads: K = 32, V = 64 as in every named size.
-    # Everything random, the depthwise convs too: every parameter gets a gradient that depends on the GLA path.
+    # The GPU path (the Triton kernel behind a custom operator) against chunk_gla_torch on the same weights in fp32;
+    # then compile_blocks (the operator in compiled blocks, recomputation policy) against eager in fp32 and under bf16
+    # autocast. bf16 keeps 8 bits (u = 3.9e-3): the output is a few roundings deep (2e-2), all gradients together 3e-2;
+    # one parameter's gradient, a sum of cancelling terms (GLA's input and gate projections), errs more: 0.15. Width
+    # 128, 2 heads: K = 32, V = 64 as in all named sizes. All random (convs too): every gradient depends on GLA.
     model = randomize_(tiny_dig(hidden_size=128, input_size=input_size, class_dropout_prob=0), seed=seed)
     with torch.no_grad():
         for block in model.blocks:
@@ -816,8 +785,7 @@ def test_dig_on_gpu_triton_matches_torch_path_and_compiled_matches_eager(input_s
 
 
 # =========================================================================================================
-# 5. train_tiny.py sections 1-3: the recipe, the training step, and training runs, on the CPU: its kernels are
-#    deterministic, so resumed and split runs must match one reference run (12 steps, made once) bit for bit.
+# 5. train_tiny.py sections 1-3: recipe, step, runs; on the CPU resumed and split runs match a reference bit for bit.
 
 TINY = ["--model", "DiG-S/4", "--depth", "4", "--hidden-size", "64", "--num-heads", "1", "--batch-size", "8",
         "--lr", "1e-3", "--warmup", "2", "--decay", "0", "--ema", "0.9", "--sample-steps", "2", "--log-every", "1",
@@ -855,8 +823,7 @@ def reference(cifar_dir, tmp_path_factory):
 
 
 def load(run, key="model"):
-    return torch.load(os.path.join(run, "ckpt.pt") if os.path.isdir(run) else run, map_location="cpu",
-                      weights_only=True)[key]
+    return torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=True)[key]
 
 
 def log_column(run, column):
@@ -874,12 +841,16 @@ def assert_same_run(run_a, run_b, exact=True):
     assert (np.diff(log_column(run_a, 4)) >= 0).all()      # the clock counts on across resumes
 
 
-def poison_step_5(monkeypatch):
-    """Make the 5th step's noise NaN; returns the real draw_batch."""
+def stop_at_nan_in_step_5(monkeypatch, out, argv):
+    """train_tiny.main(argv + ["--out", out]) with the 5th step's noise NaN must stop and keep the last good checkpoint,
+    of step 4 (all finite). Afterwards draw_batch is the real one again."""
     real = train_tiny.draw_batch
     monkeypatch.setattr(train_tiny, "draw_batch", lambda data, step, *a: {**real(data, step, *a), **(
         {"noise": real(data, step, *a)["noise"] * math.nan} if step == 4 else {})})
-    return real
+    with pytest.raises(SystemExit, match=r"(?s)nan.*step 5.*step 4"):
+        train_tiny.main(argv + ["--out", out])
+    assert load(out, "step") == 4 and all(torch.isfinite(v).all() for v in load(out).values() if v.is_floating_point())
+    monkeypatch.setattr(train_tiny, "draw_batch", real)
 
 
 def test_schedules_batches_update_ema_and_the_train_step_are_the_textbook_recipe():
@@ -893,25 +864,24 @@ def test_schedules_batches_update_ema_and_the_train_step_are_the_textbook_recipe
     assert [train_tiny.ema_decay(s, 0.9995) for s in (0, 8, 10 ** 6)] == pytest.approx([0.1, 0.5, 0.9995])
     args = train_tiny.parse_args(TINY + ["--steps", "1"])[0]      # every process draws its slice of one batch
     data = train_tiny.Data(torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8), torch.arange(32) % 10, False, 10)
-    one = train_tiny.draw_batch(data, 5, args, 0, 1, torch.Generator())
-    halves = [train_tiny.draw_batch(data, 5, args, r, 2, torch.Generator()) for r in (0, 1)]
+    draw = lambda *a, rank=0, world=1: train_tiny.draw_batch(*a, rank, world, torch.Generator())   # a: data, step, args
+    one, halves = draw(data, 5, args), [draw(data, 5, args, rank=r, world=2) for r in (0, 1)]
     for k in one:
         assert torch.equal(one[k], torch.cat([h[k] for h in halves])), k
-    again, other = (train_tiny.draw_batch(data, step, args, 0, 1, torch.Generator()) for step in (5, 6))
+    again, other = draw(data, 5, args), draw(data, 6, args)
     assert all(torch.equal(one[k], again[k]) for k in one) and not torch.equal(one["noise"], other["noise"])
     epochs = [torch.cat([train_tiny.batch_indices(s, 32, 8, 0) for s in range(4 * e, 4 * e + 4)]) for e in (0, 1)]
     assert sorted(epochs[0].tolist()) == list(range(32)) and not torch.equal(*epochs)   # each once, then reshuffled
     n, wide = 2000, train_tiny.argparse.Namespace(**{**vars(args), "batch_size": 2000})
     big = train_tiny.Data(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8), torch.arange(n) % 10, False, 10)
-    batch = train_tiny.draw_batch(big, 0, wide, 0, 1, torch.Generator())
-    x = big.x[train_tiny.batch_indices(0, n, n, wide.seed)].float() / 127.5 - 1
+    batch, order = draw(big, 0, wide), train_tiny.batch_indices(0, n, n, wide.seed)
+    x = big.x[order].float() / 127.5 - 1
     same, mirrored = ((batch["x"] == image).flatten(1).all(1) for image in (x, x.flip(3)))
     # Binomial(2000, p): standard deviations 0.011 (p = 0.5) and 0.0067 (p = 0.1); the bounds are 4 and 3.7 of them.
     assert (same | mirrored).all() and 0.455 < mirrored.float().mean() < 0.545
     assert 0.075 < batch["drop"].float().mean() < 0.125                                # CLASS_DROPOUT = 0.1
     latents = train_tiny.Data(big.x.float(), big.y, True, 10)                         # latents are never flipped
-    assert torch.equal(train_tiny.draw_batch(latents, 0, wide, 0, 1, torch.Generator())["x"],
-                       big.x.float()[train_tiny.batch_indices(0, n, n, wide.seed)])
+    assert torch.equal(draw(latents, 0, wide)["x"], big.x.float()[order])
     # update_ema is exact at decay 0 (a copy of the model) and 1 (frozen); at 0.9 the train step below checks it.
     model, ema, other = (list(randomize_(tiny_dig(), seed=s).parameters()) for s in (1, 2, 3))
     for decay, target in ((0.0, model), (1.0, other)):
@@ -920,8 +890,7 @@ def test_schedules_batches_update_ema_and_the_train_step_are_the_textbook_recipe
     # TrainStep's flat gradient buffer, its clipping and its EMA give what the textbook calls do. Losses are
     # computed alike (equal); the gradient norm is summed in another order (pairwise: log2(n) u = 1.2e-6 of it).
     model, ema, opt, _, _ = train_tiny.build_run(args, None, train_tiny.data_shape(data), torch.device("cpu"))
-    ref, ref_ema = copy.deepcopy(model), copy.deepcopy(ema)
-    batch = train_tiny.draw_batch(data, 0, args, 0, 1, torch.Generator())
+    ref, ref_ema, batch = copy.deepcopy(model), copy.deepcopy(ema), draw(data, 0, args)
     step = train_tiny.TrainStep(model, ema, opt, DIFFUSION, 0.01, 1)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=args.lr, weight_decay=0)
     for clip in (0.01, 1e9):   # a norm above the clip is scaled down to it; one below is left as it is
@@ -955,14 +924,10 @@ def test_a_run_writes_what_it_says_and_resumed_after_its_end_or_a_nan_matches_th
     train(cifar_dir, split := tmp_path / "split", "--steps", "5", "--ckpt-every", "4")
     train_tiny.main(["--resume", str(split), "--steps", "12"])
     assert_same_run(split, out)
-    # A NaN loss at step 5 stops the run and keeps the last good checkpoint, of step 4; resumed, the run (with a
-    # decaying rate, which depends on the budget) matches an uninterrupted one.
+    # Stopped by a NaN at step 5, then resumed, a run with a decaying rate (set by the budget) matches a straight one.
     train(cifar_dir, decayed := tmp_path / "decayed", "--steps", "12", "--decay", "0.5")
-    real, out = poison_step_5(monkeypatch), str(tmp_path / "nan")
-    with pytest.raises(SystemExit, match=r"(?s)nan.*step 5.*step 4"):
-        train(cifar_dir, out, "--steps", "12", "--decay", "0.5", "--ckpt-every", "2")
-    assert load(out, "step") == 4 and all(torch.isfinite(v).all() for v in load(out).values() if v.is_floating_point())
-    monkeypatch.setattr(train_tiny, "draw_batch", real)
+    stop_at_nan_in_step_5(monkeypatch, out := str(tmp_path / "nan"), TINY + ["--data-dir", cifar_dir, "--steps", "12",
+                                                                            "--decay", "0.5", "--ckpt-every", "2"])
     train_tiny.main(["--resume", out])
     assert_same_run(out, decayed)
     assert log_column(decayed, 2)[-1] == pytest.approx(1e-3 / 6, rel=1e-3)   # the last step: (1 - 11/12) / 0.5
@@ -1071,8 +1036,7 @@ def test_a_signal_at_any_moment_loses_nothing_and_the_resumed_run_matches(refere
     # or mid-checkpoint: one every step), then while a checkpoint is half written, leaves the last intact one.
     out, kill = str(tmp_path / "stopped"), sig == "SIGKILL"
     argv = TINY + ["--data-dir", cifar_dir, "--steps", "100000"] + ["--ckpt-every", "1"] * kill
-    proc = start_training(argv + ["--out", out])
-    read_until(proc, "step 3/")
+    read_until(proc := start_training(argv + ["--out", out]), "step 3/")
     time.sleep(random.uniform(0, 0.05) * kill)      # seeded per test (the seed fixture)
     os.kill(proc.pid, getattr(signal, sig))
     rest, code = finish(proc, 60)
@@ -1141,14 +1105,12 @@ def test_cifar_and_latents_loaders_read_their_layouts_and_say_what_is_wrong(tmp_
         with pytest.raises(SystemExit, match=message):
             train_tiny.download_cifar10(str(tmp_path / "data"))
     assert not (tmp_path / "data" / "cifar-10-batches-py").exists()     # nothing extracted from a bad archive
-    bad = tmp_path / "ok" / "cifar-10-batches-py" / "data_batch_2"
-    bad.write_bytes(bad.read_bytes()[:1000])
-    with pytest.raises(SystemExit, match="data_batch_2"):
-        train_tiny.load_cifar10(str(tmp_path / "ok"))
-    with open(bad, "wb") as f:    # a pickle that would run code is refused, not run
-        pickle.dump({b"data": os.system, b"labels": []}, f)
-    with pytest.raises(SystemExit, match="not part of a CIFAR-10 batch"):
-        train_tiny.load_cifar10(str(tmp_path / "ok"))
+    bad = tmp_path / "ok" / "cifar-10-batches-py" / "data_batch_2"   # truncated; a code-running pickle (not run)
+    for content, message in [(bad.read_bytes()[:1000], "data_batch_2"),
+                             (pickle.dumps({b"data": os.system, b"labels": []}), "not part of a CIFAR-10 batch")]:
+        bad.write_bytes(content)
+        with pytest.raises(SystemExit, match=message):
+            train_tiny.load_cifar10(str(tmp_path / "ok"))
     lat, nan = np.zeros((2, 4, 8, 8), np.float32), np.zeros((2, 4, 8, 8), np.float32)
     nan[1] = np.nan
     for arrays, found in [(dict(latents=lat, labels=[0, -1]), r"\[0, -1\]"),
@@ -1172,8 +1134,7 @@ def test_save_grid_shows_pixels_as_they_are_and_progress_reports_speed_and_time_
     log.time -= 20                       # 20 s for 10 steps of 8 images: 4 images/s; 90 steps left, 180 s
     log.losses += [1.0, 2.0]
     log.report(10, 1e-3)
-    printed = capsys.readouterr().out
-    assert "step 10/100 | loss 1.5000 | 4 img/s" in printed and "| left 3.0 min" in printed, printed
+    assert "step 10/100 | loss 1.5000 | 4 img/s" in (out := capsys.readouterr().out) and "| left 3.0 min" in out, out
     assert open(log.path).read().splitlines()[-1].startswith("10,1.500000,1.000e-03,4.0,")   # step,loss,lr,img/s
 
 
@@ -1186,15 +1147,14 @@ def test_samples_from_a_finished_run_and_the_judge_of_a_run(reference, tmp_path,
     monkeypatch.setattr(train_tiny, "CIFAR_URL", (tmp_path / "missing.tar.gz").as_uri())
     (run := tmp_path / "run").mkdir()
     (run / "ckpt.pt").write_bytes(open(os.path.join(reference[0], "ckpt.pt"), "rb").read())
-    results = [judge.main([str(run), "--samples", "12", "--data-dir", str(tmp_path / "gone"), "--cfg-scale", scale])
-               for scale in ("3", "1.5")]
+    npzs = [judge.main([str(run), "--samples", "12", "--data-dir", str(tmp_path / "gone"), "--cfg-scale", scale])["npz"]
+            for scale in ("3", "1.5")]
     assert "sampling images 1 to 12 of 12" in capsys.readouterr().out       # long sampling says what it does
-    assert [os.path.basename(r["npz"]) for r in results] == ["samples_0000012_n12_cfg3_ddpm2.npz",
-                                                             "samples_0000012_n12_cfg1.5_ddpm2.npz"]
-    with np.load(results[0]["npz"]) as f:
+    assert [os.path.basename(f) for f in npzs] == [f"samples_0000012_n12_cfg{s}_ddpm2.npz" for s in ("3", "1.5")]
+    with np.load(npzs[0]) as f:
         images, labels = f["images"], f["labels"]
     assert images.dtype == np.uint8 and images.shape == (12, 32, 32, 3) and labels.tolist() == list(range(10)) + [0, 1]
-    grid = np.asarray(Image.open(results[0]["npz"][:-4] + ".png"))      # 2 rows of 10 tiles, 2 pixels apart
+    grid = np.asarray(Image.open(npzs[0][:-4] + ".png"))      # 2 rows of 10 tiles, 2 pixels apart
     tiles = grid[2:, 2:].reshape(2, 34, 10, 34, 3)[:, :32, :, :32].transpose(0, 2, 1, 3, 4).reshape(20, 32, 32, 3)
     assert grid.shape == (2 * 34 + 2, 10 * 34 + 2, 3) and np.array_equal(tiles[:12], images)
     assert load(run, "step") == 12 and not (run / "log.csv").exists()   # nothing trained
@@ -1220,10 +1180,9 @@ def test_frechet_distance_of_gaussians(seed):
     s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
     expected = ((m1 - m2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
     assert judge.frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-12)
-    # Rank-deficient covariances (A A^T, B B^T with 3 and 2 columns), whose roots' zero eigenvalues come out
-    # of the eigendecomposition as +-d eps |S| and then as their square roots: each root is off by up to
-    # sqrt(d eps |S|), and the trace term by up to 2 d sqrt(d eps |S1| |S2|). The exact value: the trace term
-    # is the nuclear norm of A^T B. The two orders of the arguments differ only by rounding of one SVD.
+    # Rank-deficient covariances (A A^T, B B^T; 3 and 2 columns): zero eigenvalues come out of the eigendecomposition as
+    # +-d eps |S|, so each root is off by up to sqrt(d eps |S|), the trace term by up to 2 d sqrt(d eps |S1| |S2|).
+    # Exactly, the trace term is A^T B's nuclear norm. The two argument orders differ only by one SVD's rounding.
     A, B = rng.standard_normal((d, 3)), rng.standard_normal((d, 2))
     c1, c2 = A @ A.T, B @ B.T
     exact = ((m1 - m2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.linalg.svd(A.T @ B, compute_uv=False).sum()
@@ -1246,10 +1205,8 @@ def test_resnet56_judge_on_real_images(seed):
     net = judge.load_classifier(REAL_RESNET, torch.device("cpu"))
     assert sum(p.numel() for p in net.parameters()) == 853_018  # He et al.: ResNet-56 has 0.85M parameters
     # 500 of the real training images, decoded from DIG_DATA/cifar10's WebP sheets (100 x 100 images each).
-    sheets = [np.asarray(Image.open(os.path.join(DATA, "cifar10", f"data_batch_{i}.webp")).convert("RGB"))
-              for i in (1, 2)]
-    x = np.concatenate([s.reshape(100, 32, 100, 32, 3).transpose(0, 2, 1, 3, 4).reshape(10000, 32, 32, 3)
-                        for s in sheets])
+    x = np.concatenate([np.asarray(Image.open(os.path.join(DATA, "cifar10", f"data_batch_{i}.webp")).convert("RGB"))
+                        .reshape(100, 32, 100, 32, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 32, 32, 3) for i in (1, 2)])
     y = np.concatenate([np.load(os.path.join(DATA, "cifar10", f"data_batch_{i}_labels.npy")) for i in (1, 2)])
     pick = np.random.default_rng(seed).choice(20000, 500, replace=False)
     images, labels = torch.from_numpy(x[pick]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y[pick]).long()
@@ -1261,8 +1218,7 @@ def test_resnet56_judge_on_real_images(seed):
     distances = []
     for sigma in (8, 32):   # the same images with Gaussian noise of sigma grey levels: further and further
         noisy = (images.float() + sigma * torch.randn(images.shape)).round().clamp(0, 255).to(torch.uint8)
-        noisy_stats = judge.gaussian_stats(judge.pooled_features(net, noisy))
-        distances.append(judge.frechet_distance(*noisy_stats, *stats))
+        distances.append(judge.frechet_distance(*judge.gaussian_stats(judge.pooled_features(net, noisy)), *stats))
     assert 0.01 < distances[0] < distances[1], distances
 
 
@@ -1324,11 +1280,7 @@ def test_gpu_graphed_sampler_matches_eager_sampler():
 def test_gpu_runs_end_to_end(cifar_dir, tmp_path, monkeypatch):
     # The default GPU mode: a NaN stop and its resume; a run, then its samples judged (latents: test_latents_run).
     gpu = TINY[:-1] + ["cuda", "--data-dir", cifar_dir]
-    real, out = poison_step_5(monkeypatch), str(tmp_path / "nan")
-    with pytest.raises(SystemExit, match=r"(?s)nan.*step 5.*step 4"):
-        train_tiny.main(gpu + ["--out", out, "--ckpt-every", "2", "--steps", "8"])
-    assert load(out, "step") == 4
-    monkeypatch.setattr(train_tiny, "draw_batch", real)
+    stop_at_nan_in_step_5(monkeypatch, out := str(tmp_path / "nan"), gpu + ["--ckpt-every", "2", "--steps", "8"])
     assert train_tiny.main(["--resume", out, "--steps", "6"])["step"] == 6
     straight = str(tmp_path / "straight")
     train_tiny.main(gpu + ["--out", straight, "--steps", "6"])
