@@ -2,6 +2,7 @@
 One training step of DiG against DiT, side by side, on a GPU: the table in the README.
 
     python results/bench_model.py                        # S/2 at 256, 1024, 1792, 2048 px; XL/2 at 2048 px
+    python results/bench_model.py --cifar                # S/2 at 256 tokens (CIFAR-10's), batch 256 and 64
     python results/bench_model.py --profile 256          # GPU time of one DiG-S/2 step, op by op
     python results/bench_model.py --profile 256 --model DiT-S/2 --batch 256
 
@@ -27,6 +28,7 @@ import dig  # noqa: E402
 import train_tiny  # noqa: E402
 
 RUNS = [("S/2", 256, 64), ("S/2", 1024, 4), ("S/2", 1792, 1), ("S/2", 2048, 1), ("XL/2", 2048, 1)]
+CIFAR_RUNS = [("S/2", 256, 256), ("S/2", 256, 64)]    # 256 tokens: train_tiny's default model and batch, and 64
 MODELS = {"DiG": lambda size: dig.DiG_models[f"DiG-{size}"],
           "DiT-SDPA": lambda size: dig.DiT_models[f"DiT-{size}"],
           "DiT-mat": lambda size: functools.partial(dig.DiT_models[f"DiT-{size}"], attention="materialized")}
@@ -65,11 +67,11 @@ def measure(make_model, px, batch):
     return triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median"), peak
 
 
-def bench():
+def bench(runs=RUNS, models=MODELS):
     rows = []
-    for size, px, batch in RUNS:
+    for size, px, batch in runs:
         results = {}
-        for name, make in MODELS.items():
+        for name, make in models.items():
             if name == "DiT-mat" and size == "XL/2":   # its T x T attention weights need far more than a GPU has
                 results[name] = "not run"
                 continue
@@ -85,10 +87,10 @@ def bench():
           f"4 x px/8 x px/8; {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("per model: median ms per step, images per second, peak GiB\n")
     print(f"{'model':>5} {'px':>5} {'batch':>5}" + "".join(f" | {name + ' ms':>12} {'img/s':>7} {'GiB':>5}"
-                                                        for name in MODELS) + " | DiT-SDPA ms / DiG ms")
+                                                        for name in models) + " | DiT-SDPA ms / DiG ms")
     for size, px, batch, results in rows:
         line = f"{size:>5} {px:5d} {batch:5d}"
-        for name in MODELS:
+        for name in models:
             r = results[name]
             line += f" | {r:>26}" if isinstance(r, str) else f" | {r[0]:12.1f} {1000 * batch / r[0]:7.1f} {r[1]:5.1f}"
         dig_r, sdpa_r = results["DiG"], results["DiT-SDPA"]
@@ -117,7 +119,11 @@ if __name__ == "__main__":
     parser.add_argument("--profile", type=int, metavar="PX", help="profile one training step at PX pixels")
     parser.add_argument("--model", default="DiG-S/2", help="model for --profile, e.g. DiG-XL/2 or DiT-S/2")
     parser.add_argument("--batch", type=int, help="batch for --profile (default: 16384 tokens per step)")
+    parser.add_argument("--cifar", action="store_true", help="only S/2 at 256 tokens, batch 256 and 64, DiG and DiT")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("the benchmark needs a CUDA GPU; `pytest test_dig.py` checks correctness on a CPU")
-    profile(args.profile, args.model, args.batch) if args.profile else bench()
+    if args.profile:
+        profile(args.profile, args.model, args.batch)
+    else:
+        bench(*((CIFAR_RUNS, {k: MODELS[k] for k in ("DiG", "DiT-SDPA")}) if args.cifar else ()))

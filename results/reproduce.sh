@@ -8,6 +8,8 @@
 #                                           #   -> results/gla_bench.txt
 #   bash results/reproduce.sh model         # python results/bench_model.py (DiG vs DiT training steps)
 #                                           #   -> results/model_bench.txt
+#   bash results/reproduce.sh cifar-step    # the same at CIFAR-10's 256 tokens, batch 256 and 64
+#                                           #   -> results/model_bench_cifar.txt
 #   bash results/reproduce.sh train DiG-S/2 # 6 minutes of train_tiny.py, 2,000 samples judged by the ResNet-56
 #                                           #   -> results/train_DiG-S-2.* (output, log, scores, grid, curve)
 #   bash results/reproduce.sh train DiT-S/2 # the DiT twin, same recipe and time
@@ -96,6 +98,7 @@ case "${1:-}" in
                  | tee "$RESULTS/tests_gpu.txt" ;;
     kernel)  run_part gla_bench.txt python3 gla_kernel.py --paths ;;
     model)   run_part model_bench.txt python3 results/bench_model.py ;;
+    cifar-step) run_part model_bench_cifar.txt python3 results/bench_model.py --cifar ;;
     train)   train "${2:?which model, e.g. DiG-S/2 or DiT-S/2}" ;;
     scaling) scaling ;;
     ablate)  python3 results/ablate.py train --steps 1800 --parallel 3 --ema-warmups 3 30 --data-dir data \
@@ -104,5 +107,5 @@ case "${1:-}" in
              { header ablate; python3 results/ablate.py table runs/ablate; } | tee "$RESULTS/ablation_runs.md" ;;
     guidance) python3 results/ablate.py guidance "${2:?a run folder, e.g. runs/DiG-S-2-6min}" --classifier "$RESNET56"
              { header guidance "$2"; python3 results/ablate.py table "$2"; } | tee "$RESULTS/guidance.md" ;;
-    *)       sed -n '2,21p' "$0"; exit 2 ;;
+    *)       sed -n '2,23p' "$0"; exit 2 ;;
 esac
