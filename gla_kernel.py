@@ -804,6 +804,8 @@ def gla_norm_gate(proj, g, norm_weight, scale=None, eps=1e-6):
         raise ValueError(f"need g [B, T, H, K], norm_weight [V] and proj [B, T, 2HK + 2HV]; got g {tuple(g.shape)}, "
                          f"norm_weight {tuple(norm_weight.shape)}, proj {tuple(proj.shape)}")
     _check_kernel_inputs(*_split_proj(proj, H, K)[:3], g, None)
+    if norm_weight.device != proj.device:
+        raise ValueError(f"norm_weight must be on proj's device ({proj.device}); got {norm_weight.device}")
     scale = K ** -0.5 if scale is None else float(scale)
     return torch.ops.dig.gla_norm_gate(proj.contiguous(), g, norm_weight, scale, eps)[0]
 

@@ -231,6 +231,8 @@ def test_gla_norm_gate_matches_its_definition(shape, gates, dtype, path, seed):
     if (shape, gates) == NORM_GATE_CASES[0] and dtype == torch.float32 and path == "one pass":   # fake, autograd
         args = [x.float().to(DEVICE).requires_grad_() for x in (proj, g, w)]
         torch.library.opcheck(torch.ops.dig.gla_norm_gate, (*args, 0.25, 1e-6))
+        with pytest.raises(ValueError, match=r"proj \[B, T, 2HK \+ 2HV\]"):   # widths that do not add up
+            gla_kernel.gla_norm_gate(args[0][..., :-1], *args[1:])
 
 
 def test_gla_bad_inputs_supported_heads_benchmark_helpers_and_a_dig_that_learns_without_triton(seed, monkeypatch):
@@ -1282,8 +1284,7 @@ def test_gpu_runs_end_to_end(cifar_dir, tmp_path, monkeypatch):
     gpu = TINY[:-1] + ["cuda", "--data-dir", cifar_dir]
     stop_at_nan_in_step_5(monkeypatch, out := str(tmp_path / "nan"), gpu + ["--ckpt-every", "2", "--steps", "8"])
     assert train_tiny.main(["--resume", out, "--steps", "6"])["step"] == 6
-    straight = str(tmp_path / "straight")
-    train_tiny.main(gpu + ["--out", straight, "--steps", "6"])
+    train_tiny.main(gpu + ["--out", straight := str(tmp_path / "straight"), "--steps", "6"])
     diff = torch.cat([(load(out)[k] - load(straight)[k]).abs().flatten() for k in load(out)])
     assert diff.max() < 6 * 2e-3 and (diff > 1e-4).float().mean() < 0.01, (diff.max(), diff.mean())   # see above
     weights = REAL_RESNET if os.path.exists(REAL_RESNET) else str(tmp_path / "r56.th")
