@@ -136,8 +136,8 @@ class GatedLinearAttention(nn.Module):
 
     Token t sees the tokens up to and including itself in the scan order, which changes from block to block.
     As in the official DiG code (flash-linear-attention's GLA layer): keys half as wide as values (head dims
-    K = D / 2 / heads, V = D / heads), a rank-16 forget gate with logsigmoid / 16 (see forward), and a per-head
-    RMSNorm of the output times a silu gate."""
+    K = D / 2 / heads, V = D / heads), a low-rank forget gate whose logsigmoid is divided by 16 (see
+    log_forget_gate), and a per-head RMSNorm of the output times a silu gate."""
 
     def __init__(self, dim, num_heads, forget_rank=16, forget_normalizer=16):
         super().__init__()
@@ -148,12 +148,12 @@ class GatedLinearAttention(nn.Module):
         self.head_k, self.head_v = key_dim // num_heads, value_dim // num_heads
         self.scale = self.head_k ** -0.5
         self.forget_normalizer = forget_normalizer
-        # One matmul makes the mixer's four inputs from x: queries, keys, values and the output gate. It reads x
-        # once, where four matmuls would each read it and, under autocast, each keep a bf16 copy of it.
+        # One matmul makes four of the mixer's five inputs from x: queries, keys, values and the output gate (one
+        # read of x, and under autocast one bf16 copy of it). The fifth, the forget gate, is low-rank (below).
         self.split_sizes = (key_dim, key_dim, value_dim, value_dim)
         self.in_proj = nn.Linear(dim, sum(self.split_sizes), bias=False)
-        self.forget_low_rank = nn.Linear(dim, forget_rank, bias=False)   # the forget gate: a rank-16 bottleneck
-        self.forget_gate = nn.Linear(forget_rank, key_dim)
+        self.forget_low_rank = nn.Linear(dim, forget_rank, bias=False)   # forget-gate logits through a rank-16
+        self.forget_gate = nn.Linear(forget_rank, key_dim)                # bottleneck: 24D weights, not D^2 / 2
         self.norm_weight = nn.Parameter(torch.ones(self.head_v))   # RMSNorm over each head, one weight for all
         self.proj = nn.Linear(value_dim, dim, bias=False)
         # Each projection is Xavier with gain 2**-2.5 (as in the official code), which keeps the state's
@@ -166,11 +166,12 @@ class GatedLinearAttention(nn.Module):
         N, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k, self.head_v
         q, k, v, out_gate = self.in_proj(x).split(self.split_sizes, dim=-1)   # D/2, D/2, D, D
-        # q, k, v stay views into the projection output, consecutive tokens sum(split_sizes) apart: the kernel
-        # reads tokens of any stride, so nothing is copied.
+        # q, k, v stay views into the projection output, consecutive tokens sum(split_sizes) apart: the Triton
+        # kernel reads rows spaced that far apart, so nothing is copied.
         q, k, v = q.view(N, T, H, K), k.view(N, T, H, K), v.view(N, T, H, V)
         g = self.log_forget_gate(x).to(q.dtype)                                 # [N, T, H, K]
-        # The gates are <= 0 by construction, so the gate check (a device sync) is switched off.
+        # _gla (below) picks the Triton kernel or the PyTorch path; _ is the final state, unused. The gates are
+        # <= 0 by construction, so the gate check (a device sync) is switched off.
         o, _ = self._gla(q)(q, k, v, g, scale=self.scale, check_gate=False)    # [N, T, H, V]
         # Normalise each head (the state's sums have no fixed scale), then gate it with silu(out_gate).
         o = F.rms_norm(o, (V,), self.norm_weight.to(o.dtype), eps=1e-6)
@@ -224,7 +225,7 @@ class DepthwiseConv(nn.Module):
         # The grid is read in the current scan order; in a flipped or transposed order the same conv sees a
         # rotated or transposed image, which a learned 3x3 kernel can absorb (the official code does the same).
         N, T, D = x.shape
-        grid = x.unflatten(1, (self.side, self.side)).permute(0, 3, 1, 2)   # [N, D, E, E], a channels-last view
+        grid = x.unflatten(1, (self.side, self.side)).permute(0, 3, 1, 2)   # [N, D, E, E] view, memory [N, E, E, D]
         out = self.conv(grid).permute(0, 2, 3, 1).reshape(N, T, D)          # [N, E, E, D] -> [N, T, D]
         return out.to(x.dtype)   # under autocast the conv runs in bf16; keep the residual stream's dtype
 
@@ -292,7 +293,7 @@ class DiffusionTransformer(nn.Module):
       input_size: side of the (square) input in pixels or latent cells; patch_size must divide it.
       in_channels: channels of the input (4 for Stable Diffusion latents, 3 for pixels).
       num_classes: class labels 0..num_classes-1; num_classes itself is the null label.
-      learn_sigma: also predict v, which sets each denoising step's variance per pixel (section 7); doubles the outputs.
+      learn_sigma: also predict IDDPM's variance weight v per pixel (not GLA's values; section 7): twice the outputs.
       class_dropout_prob: how often a training label is dropped to the null label (for guidance)."""
 
     def __init__(self, hidden_size, patch_size, input_size=32, in_channels=4, num_classes=1000,
@@ -355,7 +356,7 @@ class DiG(DiffusionTransformer):
     Other keyword arguments (input_size, in_channels, num_classes, ...): see DiffusionTransformer."""
 
     def __init__(self, depth=12, hidden_size=384, num_heads=6, patch_size=2, **kwargs):
-        check_dig_depth(depth)
+        check_dig_depth(depth)    # a multiple of 4, the scan order's period (section 3)
         super().__init__(hidden_size, patch_size, **kwargs)
         self.blocks = nn.ModuleList(DiGBlock(hidden_size, num_heads, self.grid_size, i) for i in range(depth))
 
@@ -416,8 +417,8 @@ class DiT(DiffusionTransformer):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# 6. Named configurations: (depth, hidden size, heads) per size; patch 2, 4 or 8. Heads are 64 wide at every size
-# (GLA: K 32, V 64), so DiT-XL here has 18 heads where the official one has 16 of 72.
+# 6. Named configurations: (depth, hidden size, heads) per size; "/p": patch p = 2, 4 or 8. Heads are 64 wide at all
+# sizes (GLA: K 32, V 64), so DiT-XL here has 18 heads where the official one has 16 of 72.
 # Each entry is a function (**kwargs) -> model, e.g. DiG_models["DiG-S/2"](input_size=32, num_classes=10).
 
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 18)}

@@ -18,7 +18,7 @@ when token i reads it (exp(0) = 1 for i = j: decay first, then write); a chunk n
 The first term is what the past (the state) gives a chunk, the second what the chunk's own tokens give each
 other: C^2 K work per chunk, in parallel, and T / C sequential steps instead of T. The trap is exp(-G): with
 strongly negative gates (g = -10 per token is e^160 over 16 tokens; float32 ends near e^88) it overflows, so
-every form below only ever computes exponents that are never positive.
+the forms below never compute exp(-G) alone, only exponents that are never positive (exp(G_i - G_j), i >= j).
 
 Sections: 1. the recurrence (naive_gla, the ground truth) and the chunked form in PyTorch (chunk_gla_torch)
 2. the Triton kernels  3. the PyTorch operator around them (chunk_gla)  4. a benchmark (python gla_kernel.py).
