@@ -726,8 +726,8 @@ def sample(model, labels, steps=250, cfg_scale=1.0, sampler="ddpm", noise=None, 
 
 def compile_blocks(model):
     """torch.compile each block ("regional" compilation) and return the model. Each kind of block compiles once
-    (DiG has two: with and without a transpose after it). The GLA kernel stays an opaque operator; the norms,
-    modulations, gates, activations, residual adds and permutes around it become a few generated kernels."""
+    (DiG has two: with and without a transpose after it). Each GLA layer becomes one opaque operator (below); the
+    norms, modulations, gates, activations, residual adds and permutes around it become a few generated kernels."""
     for block in model.blocks:
         if isinstance(block, DiGBlock):
             block.forward = functools.partial(_forward_recomputing, block.forward)

@@ -125,5 +125,7 @@ if __name__ == "__main__":
         raise SystemExit("the benchmark needs a CUDA GPU; `pytest test_dig.py` checks correctness on a CPU")
     if args.profile:
         profile(args.profile, args.model, args.batch)
+    elif args.cifar:
+        bench(CIFAR_RUNS, {name: MODELS[name] for name in ("DiG", "DiT-SDPA")})
     else:
-        bench(*((CIFAR_RUNS, {k: MODELS[k] for k in ("DiG", "DiT-SDPA")}) if args.cifar else ()))
+        bench()
