@@ -61,8 +61,7 @@ def naive_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
     """The GLA recurrence, one token at a time: the ground truth for everything else in this file. Computes in
     float32 (float64 when given float64) and returns (o in the input dtype, final state or None)."""
     _check_inputs(q, k, v, g, initial_state)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    (B, T, H, K), V = q.shape, v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v, g = (x.to(acc) for x in (q, k, v, g))
@@ -256,10 +255,14 @@ def _fwd_kernel(q, k, v, g, o, z, w, y, start_states, end_states, stride_q, stri
     t = n * seg_len + tl.arange(0, SUB)
     q_tile, k_tile, g_tile, vs = _load_sub_chunk(q, k, g, v, stride_q, stride_k, stride_g, stride_v, b, head, t,
                                                  T, K, V)
+    if NORM_GATE:   # the norm's weight once; the gate z, like the inputs, one sub-chunk ahead
+        w_row, zs = tl.load(w + rv).to(tl.float32)[None, :], _load_tile(z, stride_z, b, head, t, rv, T, V)
     for s in range(0, tl.cdiv(seg_len, SUB)):
         t_next = _next_rows(t, n * seg_len + seg_len, T, SUB)
         q_next, k_next, g_next, v_next = _load_sub_chunk(q, k, g, v, stride_q, stride_k, stride_g, stride_v, b,
                                                          head, t_next, T, K, V)
+        if NORM_GATE:
+            z_next = _load_tile(z, stride_z, b, head, t_next, rv, T, V)
         qs, ks, G, G_last = _in_float32(q_tile, k_tile, g_tile)
         A = _intra_weights(qs, ks, G, G_last, scale, factor_limit, SUB, PRECISION)  # [SUB, SUB]
         q_decayed = (qs * tl.exp(G) * scale).to(vs.dtype)
@@ -267,10 +270,10 @@ def _fwd_kernel(q, k, v, g, o, z, w, y, start_states, end_states, stride_q, stri
         os += tl.dot(A.to(vs.dtype), vs, input_precision=PRECISION)
         _store_tile(o, os, H * V, b, head, t, rv, T, V)
         if NORM_GATE:   # normalise o as stored (rounded to its dtype), as an rms_norm after the kernel would
-            o_r = os.to(o.dtype.element_ty).to(tl.float32)
-            zs = _load_tile(z, stride_z, b, head, t, rv, T, V).to(tl.float32)
+            o_r, zf = os.to(o.dtype.element_ty).to(tl.float32), zs.to(tl.float32)
             rstd = tl.rsqrt(tl.sum(o_r * o_r, axis=1) / V + eps)[:, None]
-            _store_tile(y, o_r * rstd * tl.load(w + rv)[None, :] * zs * tl.sigmoid(zs), H * V, b, head, t, rv, T, V)
+            _store_tile(y, o_r * rstd * w_row * zf * tl.sigmoid(zf), H * V, b, head, t, rv, T, V)
+            zs = z_next
         S = _advance_state(S, ks, vs, G, G_last, PRECISION)
         q_tile, k_tile, g_tile, vs, t = q_next, k_next, g_next, v_next, t_next
     if store_end:
@@ -536,8 +539,7 @@ def _boundary_states(x, stride_x, y, stride_y, g, stride_g, initial, scale, reve
     """Three phases, launches 1 and 2: the state (forward: x, y = k, v) or the state's gradient (backward:
     x, y = q, do) at every chunk boundary, [B, H, NT + 1, K, V] float32. See the two kernels for which slot
     holds what. x, y, g come as _rows gives them, with their row strides."""
-    B, T, H, K = x.shape
-    V = y.shape[-1]
+    (B, T, H, K), V = x.shape, y.shape[-1]
     NT = triton.cdiv(T, CHUNK)
     states = torch.empty(B, H, NT + 1, K, V, device=x.device, dtype=torch.float32)
     gate_sum = torch.empty(B, H, NT, K, device=x.device, dtype=torch.float32)
@@ -557,8 +559,7 @@ def _gla_forward(q, k, v, g, scale, initial_state, norm_gate=None):
     """o [B, T, H, V] (dtype of v) and the states [B, H, slots, K, V] (float32) the backward needs. norm_gate =
     (z, w, y, eps) also writes y = rms_norm(o) * w * silu(z) (see gla_norm_gate)."""
     (q, stride_q), (k, stride_k), (v, stride_v), (g, stride_g) = _rows(q), _rows(k), _rows(v), _rows(g)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    (B, T, H, K), V = q.shape, v.shape[-1]
     initial = initial_state.float().contiguous() if initial_state is not None else None   # [B, H, K, V]
     o = v.new_empty(B, T, H, V)
     z, w, y, eps = norm_gate if norm_gate is not None else (o, o, o, 0.0)    # placeholders, never touched
@@ -582,8 +583,7 @@ def _gla_backward(q, k, v, g, initial_state, states, do, d_final_state, scale, g
     grads = (dq, dk, dv): where to write those three (views of one buffer, in gla_norm_gate)."""
     (q, stride_q), (k, stride_k), (v, stride_v), (g, stride_g) = _rows(q), _rows(k), _rows(v), _rows(g)
     do, stride_do = _rows(do)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    (B, T, H, K), V = q.shape, v.shape[-1]
     # A gradient made by broadcasting (e.g. from .sum()) has stride 0; the kernels read dense rows.
     d_final = d_final_state.float().contiguous() if d_final_state is not None else None   # [B, H, K, V]
     dq, dk, dv = grads or (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
