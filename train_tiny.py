@@ -39,9 +39,10 @@ import dig
 # GPU: recognisable class-conditional CIFAR-10 samples in minutes. The official DiT recipe (AdamW lr 1e-4,
 # constant; EMA 0.9999; no warm-up; guidance 1.5) is made for 400K steps; in the few thousand of a short run it
 # leaves blurry blobs. What changes, and why (results/ablations.md has the tries):
-#   * lr 9e-4: a small model on 256 tokens takes a far larger step than DiT-XL, and a short run has no steps
-#     to spare. A 1000-step linear warm-up lets the adaLN modulations grow from zero before the steps get
-#     large; the gradient norm is clipped at 1 against early spikes.
+#   * lr 9e-4: a small model on 256 tokens takes a far larger step than DiT-XL, and a short run has no steps to
+#     spare. A 1000-step warm-up lets the adaLN modulations grow from zero first; gradients are clipped at norm 1.
+#   * AdamW's beta2 0.95, not 0.999: steps are divided by the root of a mean of recent squared gradients; one over
+#     ~1000 steps lags a gradient that suddenly grows, and at this rate the loss spiked; one over ~20 keeps up.
 #   * the rate falls linearly to 0 over the last 30% of the budget (--minutes or --steps; --decay): large
 #     steps learn fast but leave the weights noisy; the shrinking steps at the end let them settle.
 #   * an EMA that warms up, decay = min(0.9995, (1 + step) / (10 + step)), averages about the last step/9
@@ -50,18 +51,16 @@ import dig
 #     double the data. (Not for latents: a mirrored latent is not the latent of a mirror image.)
 #   * classifier-free guidance at scale 3: a young model's conditional and unconditional predictions differ
 #     little, and guidance amplifies exactly that difference, the class. 100 ancestral steps suffice at 32x32.
-# CPU: a smoke test, a 4-block, 128-wide DiG on 4x4 patches: the whole pipeline in 1-2 minutes. Both keep
-# DiT's diffusion (1000 steps, learned variance, hybrid loss) and label dropout of 0.1; on a GPU the network
-# runs under bf16 autocast, on a CPU in float32.
+# CPU: a smoke test of the whole pipeline in 1-2 minutes. Both keep DiT's diffusion and its label dropout of 0.1.
 
 def default_config(on_gpu):
     if on_gpu:
         return dict(model="DiG-S/2", depth=None, hidden_size=None, num_heads=None, steps=None, minutes=15.0,
-                    batch_size=256, lr=9e-4, warmup=1000, decay=0.3, ema=0.9995, sample_steps=100, cfg_scale=3.0,
-                    sample_every=2500, ckpt_every=2000, log_every=100)
+                    batch_size=256, lr=9e-4, beta2=0.95, warmup=1000, decay=0.3, ema=0.9995, sample_steps=100,
+                    cfg_scale=3.0, sample_every=2500, ckpt_every=2000, log_every=100)
     return dict(model="DiG-S/4", depth=4, hidden_size=128, num_heads=2, steps=200, minutes=None,
-                batch_size=32, lr=1e-3, warmup=20, decay=0.0, ema=0.99, sample_steps=25, cfg_scale=3.0,
-                sample_every=100, ckpt_every=100, log_every=10)
+                batch_size=32, lr=1e-3, beta2=0.95, warmup=20, decay=0.0, ema=0.99, sample_steps=25,
+                cfg_scale=3.0, sample_every=100, ckpt_every=100, log_every=10)
 
 
 CLASS_DROPOUT = 0.1
@@ -263,6 +262,7 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=at_least_0, help="stop after this much time in all (or at --steps, if sooner)")
     p.add_argument("--batch-size", type=positive_count, help="global batch size, split evenly across processes")
     p.add_argument("--lr", type=positive, help="AdamW learning rate")
+    p.add_argument("--beta2", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), help="AdamW's beta2")
     p.add_argument("--warmup", type=count, help="linear learning-rate warm-up, in steps")
     p.add_argument("--decay", type=fraction, help="the rate falls linearly to 0 over this last share of the budget")
     p.add_argument("--ema", type=fraction, help="EMA decay (reached gradually: min(ema, (1+step)/(10+step)))")
@@ -446,7 +446,7 @@ def build_run(args, ckpt, shape, device):
         raise SystemExit(f"error: cannot build {args.model} with {size or 'its own size'} for {shape}: {e}")
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0, fused=True)   # one kernel for all
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=0, fused=True)
     return (model, ema, opt) + ((0, 0.0) if ckpt is None else restore(ckpt, model, ema, opt))
 
 
@@ -487,7 +487,7 @@ def restore(ckpt, model, ema, opt):
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-    opt.load_state_dict(ckpt["opt"])   # the moments and step counts, under this run's settings (device, lr)
+    opt.load_state_dict(ckpt["opt"])   # the moments and step counts, under this run's settings (device, lr, beta2)
     for group, own in zip(opt.param_groups, settings):
         group.update(own)
     for p, s in opt.state.items():   # the fused kernels want the step count as float32 beside the weights
