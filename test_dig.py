@@ -864,7 +864,7 @@ def test_schedules_batches_update_ema_and_the_train_step_are_the_textbook_recipe
     args.warmup = 0
     assert [lr(0), lr(10 ** 6, 0.875)] == pytest.approx([1e-3, 5e-4])
     assert [train_tiny.ema_decay(s, 0.9995) for s in (0, 8, 10 ** 6)] == pytest.approx([0.1, 0.5, 0.9995])
-    args = train_tiny.parse_args(TINY + ["--steps", "1", "--beta2", "0.95"])[0]   # each process draws its batch slice
+    args = train_tiny.parse_args(TINY + ["--steps", "1"])[0]      # every process draws its slice of one batch
     data = train_tiny.Data(torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8), torch.arange(32) % 10, False, 10)
     draw = lambda *a, rank=0, world=1: train_tiny.draw_batch(*a, rank, world, torch.Generator())   # a: data, step, args
     one, halves = draw(data, 5, args), [draw(data, 5, args, rank=r, world=2) for r in (0, 1)]
@@ -1233,7 +1233,7 @@ def test_gpu_compiled_train_step_matches_eager_step(model_name, seed):
     # step on the same weights and batches: loss, gradient norm and, after the update, weights, up to bf16
     # rounding. Two steps with different batches: a graph that kept reading its first batch would fail.
     args, _ = train_tiny.parse_args(["--model", model_name, "--depth", "4", "--hidden-size", "128", "--num-heads",
-                                     "2", "--batch-size", "32", "--lr", "1e-3", "--beta2", "0.95"])
+                                     "2", "--device", "cuda", "--steps", "1", "--batch-size", "32", "--lr", "1e-3"])
     data = train_tiny.Data(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8).cuda(),
                            torch.arange(64).cuda() % 10, False, 10)
     model = randomize_(train_tiny.build_run(args, None, train_tiny.data_shape(data), torch.device("cuda"))[0],

@@ -56,11 +56,11 @@ import dig
 def default_config(on_gpu):
     if on_gpu:
         return dict(model="DiG-S/2", depth=None, hidden_size=None, num_heads=None, steps=None, minutes=15.0,
-                    batch_size=256, lr=9e-4, beta2=0.95, warmup=1000, decay=0.3, ema=0.9995, sample_steps=100,
-                    cfg_scale=3.0, sample_every=2500, ckpt_every=2000, log_every=100)
+                    batch_size=256, lr=9e-4, warmup=1000, decay=0.3, ema=0.9995, sample_steps=100, cfg_scale=3.0,
+                    sample_every=2500, ckpt_every=2000, log_every=100)
     return dict(model="DiG-S/4", depth=4, hidden_size=128, num_heads=2, steps=200, minutes=None,
-                batch_size=32, lr=1e-3, beta2=0.95, warmup=20, decay=0.0, ema=0.99, sample_steps=25,
-                cfg_scale=3.0, sample_every=100, ckpt_every=100, log_every=10)
+                batch_size=32, lr=1e-3, warmup=20, decay=0.0, ema=0.99, sample_steps=25, cfg_scale=3.0,
+                sample_every=100, ckpt_every=100, log_every=10)
 
 
 CLASS_DROPOUT = 0.1
@@ -262,7 +262,7 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=at_least_0, help="stop after this much time in all (or at --steps, if sooner)")
     p.add_argument("--batch-size", type=positive_count, help="global batch size, split evenly across processes")
     p.add_argument("--lr", type=positive, help="AdamW learning rate")
-    p.add_argument("--beta2", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), help="AdamW's beta2")
+    p.add_argument("--beta2", type=checked(float, lambda v: 0 <= v < 1, "in [0, 1)"), default=0.95, help="AdamW beta2")
     p.add_argument("--warmup", type=count, help="linear learning-rate warm-up, in steps")
     p.add_argument("--decay", type=fraction, help="the rate falls linearly to 0 over this last share of the budget")
     p.add_argument("--ema", type=fraction, help="EMA decay (reached gradually: min(ema, (1+step)/(10+step)))")
