@@ -119,9 +119,9 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
 #
 # The kernels walk a sequence in sub-chunks of SUB = 16 tokens (the smallest tile tl.dot takes), carrying the
 # state from one to the next. Inside a sub-chunk exp(G_i - G_j) = exp(G_i) * exp(-G_j) is safe while the
-# sub-chunk's summed gate stays above -FACTOR_LIMIT (with DiG's gates always), which makes its causal weights
-# one small matrix product; below that they are formed element-wise, as a [16, 16, K] tile whose exponents
-# G_i - G_j (i >= j) are never positive. (A step's causal part grows with the square of its length.)
+# sub-chunk's summed gate stays above -FACTOR_LIMIT = -60 (exp(-G) < e^60, inside float32's e^88; with DiG's
+# gates always), which makes its causal weights one small matrix product; below that they are formed element-
+# wise, one column j at a time, with exponents G_i - G_j (i >= j) that are never positive.
 #
 # Two paths use these pieces, forward and backward alike, chosen by the length T (section 3):
 #   one pass: one program per batch and head walks the whole sequence, the state in registers.
@@ -138,7 +138,7 @@ def chunk_gla_torch(q, k, v, g, scale=None, initial_state=None, output_final_sta
 # contiguous [B, T, H, D] tensor, W for a slice of a [B, T, W] projection output (read without copies). States
 # live in float32 buffers of `slots` [K, V] slots per batch-and-head (i_bh = b * H + head); d_ names a gradient.
 
-CHUNK, SUB = 64, 16
+CHUNK, SUB, FACTOR_LIMIT = 64, 16, 60.0
 
 # Triton compiles a kernel once per combination of its constexpr arguments, and by default also specialises
 # on the values of the others (an integer on being 1 or a multiple of 16, a pointer on being None). Lengths,
@@ -199,22 +199,23 @@ def _previous_rows(t, seg_start, T, SUB: tl.constexpr):
     return tl.where(t - SUB >= seg_start, t - SUB, T)
 
 
-# A sub-chunk's causal weights are factored (exp(G_i) * exp(-G_j), one small matrix product) while its summed
-# gate stays above -FACTOR_LIMIT: exp(-G) then stays below e^60, well inside float32's e^88.
-FACTOR_LIMIT = 60.0
-
-
 @triton.jit
 def _factored(G_last, factor_limit):
     return tl.min(G_last, axis=0) > -factor_limit
 
 
 @triton.jit
-def _intra_decay(G, SUB: tl.constexpr):
-    """exp(G_i - G_j) for i >= j and 0 above the diagonal: a [SUB, SUB, K] tile with no positive exponent."""
+def _row(x, j, SUB: tl.constexpr):
+    """Row j of a [SUB, D] tile, as a [D] vector."""
+    return tl.sum(tl.where((tl.arange(0, SUB) == j)[:, None], x, 0.0), axis=0)
+
+
+@triton.jit
+def _decay_from(G, j, SUB: tl.constexpr):
+    """exp(G_i - G_j) for rows i >= j, 0 before: [SUB, K], no positive exponent. One j at a time, as a [SUB, SUB, K]
+    tile would hold registers that the factored path (the one that runs) then lacks."""
     i = tl.arange(0, SUB)
-    causal = (i[:, None] >= i[None, :])[:, :, None]
-    return tl.exp(tl.where(causal, G[:, None, :] - G[None, :, :], float("-inf")))
+    return tl.exp(tl.where((i >= j)[:, None], G - _row(G, j, SUB)[None, :], float("-inf")))
 
 
 @triton.jit
@@ -224,7 +225,10 @@ def _intra_weights(qs, ks, G, G_last, scale, factor_limit, SUB: tl.constexpr, PR
     if _factored(G_last, factor_limit):
         A = tl.dot(qs * tl.exp(G), tl.trans(ks * tl.exp(-G)), input_precision=PRECISION)
     else:
-        A = tl.sum(qs[:, None, :] * ks[None, :, :] * _intra_decay(G, SUB), axis=2)
+        A = tl.zeros([SUB, SUB], dtype=tl.float32)
+        for j in range(0, SUB):   # column j: sum_k q_ik k_jk exp(G_ik - G_jk)
+            column = tl.sum(qs * _row(ks, j, SUB)[None, :] * _decay_from(G, j, SUB), axis=1)
+            A = tl.where((i == j)[None, :], column[:, None], A)
     return tl.where(i[:, None] >= i[None, :], A * scale, 0.0)
 
 
@@ -240,7 +244,6 @@ def _fwd_kernel(q, k, v, g, o, z, w, y, start_states, end_states, stride_q, stri
                 T, seg_len, slots, H, scale, eps, factor_limit, has_start, store_end, K: tl.constexpr,
                 V: tl.constexpr, SUB: tl.constexpr, NORM_GATE: tl.constexpr, PRECISION: tl.constexpr):
     """Outputs of one segment of seg_len tokens, given the state before it. Grid (segments, B * H).
-
     Walks the segment in sub-chunks of SUB tokens, carrying the state: it covers everything before the
     sub-chunk, the weights A the causal interactions inside it. One pass: the segment is the whole sequence,
     and the final state is stored. Three phases: segments are chunks, start_states holds the state before each.
@@ -288,7 +291,6 @@ def _bwd_kernel(q, k, v, g, do, start_states, d_end_states, d_start_states, dq, 
     """dq, dk, dv, dg of one segment, given the state before it (start_states) and the gradient of the state
     after it (d_end_states). Grid (segments, B * H). One pass: the segment is the whole sequence, and
     d_start_states receives the initial state's gradient.
-
     A forward walk over the sub-chunks (carrying the state) gives dq; a backward walk (carrying the state's
     gradient) gives dk and dv. dg_t = sum over tokens t' >= t of (q*dq - k*dk)_t', split as
     [everything after this segment] + [sum over the segment of q*dq] - [q*dq before t] - [k*dk from t on].
@@ -320,7 +322,9 @@ def _bwd_kernel(q, k, v, g, do, start_states, d_end_states, d_start_states, dq, 
         if _factored(G_last, factor_limit):
             dq_intra = tl.exp(G) * tl.dot(dA, ks * tl.exp(-G), input_precision=PRECISION)
         else:
-            dq_intra = tl.sum(dA[:, :, None] * _intra_decay(G, SUB) * ks[None, :, :], axis=1)
+            dq_intra = tl.zeros_like(qs)
+            for j in range(0, SUB):
+                dq_intra += _row(tl.trans(dA), j, SUB)[:, None] * _decay_from(G, j, SUB) * _row(ks, j, SUB)[None, :]
         dq_inter = tl.exp(G) * tl.dot(dos, tl.trans(S.to(dos.dtype)), input_precision=PRECISION)
         dqs = scale * (dq_inter + dq_intra)                                    # [SUB, K]
         _store_tile(dq, dqs, stride_dq, b, head, t, rk, T, K)
@@ -359,7 +363,10 @@ def _bwd_kernel(q, k, v, g, do, start_states, d_end_states, d_start_states, dq, 
         if _factored(G_last, factor_limit):
             dk_intra = tl.exp(-G) * tl.dot(tl.trans(dA), q_decayed, input_precision=PRECISION)
         else:
-            dk_intra = scale * tl.sum(dA[:, :, None] * _intra_decay(G, SUB) * qs[:, None, :], axis=0)
+            dk_intra = tl.zeros_like(qs)
+            for j in range(0, SUB):   # row j: scale * sum_i dA_ij exp(G_i - G_j) q_i
+                dk_j = scale * tl.sum(_row(tl.trans(dA), j, SUB)[:, None] * _decay_from(G, j, SUB) * qs, axis=0)
+                dk_intra = tl.where((i == j)[:, None], dk_j[None, :], dk_intra)
         A = _intra_weights(qs, ks, G, G_last, scale, factor_limit, SUB, PRECISION)
         to_end = tl.exp(G_last[None, :] - G)                                  # [SUB, K]
         dks = to_end * tl.dot(vs, tl.trans(dS.to(vs.dtype)), input_precision=PRECISION) + dk_intra
@@ -479,16 +486,14 @@ def _norm_gate_bwd_kernel(dy, o, z, w, do, dz, dw_partial, stride_z, rows, H, ep
 # -----------------------------------------------------------------------------------------------------------
 # 3. The PyTorch operator: forward, backward, and the wrapper that checks its inputs
 #
-# The path is chosen by the length alone. One pass (T <= ONE_PASS_MAX_T) needs one launch per direction and
-# never writes a state to memory, but walks sequentially: it wins while B * H programs fill the GPU and the walk
-# is short. Three phases suit any batch, for three launches per direction and a round trip of the chunk states.
-#
-# The two directions are PyTorch custom operators (torch.library.custom_op) with an autograd formula: to
-# torch.compile an operator is one opaque call with known output shapes, which a compiled DiG block fuses
-# around. The forward's second output is what the backward needs besides the inputs: the states at every chunk
-# boundary (three phases), or only the final state (one pass, whose backward recomputes them as it walks); its
-# last slot is the final state. Outside torch.compile, chunk_gla calls the same two functions through a plain
-# autograd.Function (_EagerGLA), which costs the host less per call than the operator's dispatch.
+# The length alone picks the path. One pass (T <= ONE_PASS_MAX_T) launches once per direction and writes no state,
+# but walks sequentially: it wins while B * H programs fill the GPU and the walk is short. Three phases suit any
+# batch, for three launches per direction and a round trip of the chunk states.
+# The two directions are custom operators (torch.library.custom_op) with an autograd formula: to torch.compile,
+# one opaque call with known output shapes that a compiled DiG block fuses around. The forward's second output
+# is what the backward needs besides the inputs: the states at every chunk boundary (three phases) or only the
+# final state (one pass, whose backward recomputes them); its last slot is the final state. Outside
+# torch.compile, chunk_gla calls the same functions through an autograd.Function (_EagerGLA): less host time.
 
 ONE_PASS_MAX_T = 512
 HEAD_DIMS = (16, 32, 64, 128)
@@ -505,14 +510,12 @@ def _interpreting():
 
 
 def _warps(K, V):
-    # A walk is a chain of small dependent steps, which more threads do not shorten: two warps for heads up to
-    # DiG's 32 x 64, more only where a larger state needs the registers.
+    # A walk is a chain of small dependent steps that more threads do not shorten; larger states need registers.
     return 2 if K * V <= 32 * 64 else 4 if max(K, V) <= 64 else 8
 
 
 def _or(state, placeholder):
-    """A state buffer, or else a float32 buffer the kernel is told (by a runtime flag) not to touch: passing
-    None would make Triton compile another variant of the kernel."""
+    """A state buffer, or a float32 buffer the kernel is told not to touch (None would compile another variant)."""
     return state if state is not None else placeholder
 
 
@@ -522,9 +525,8 @@ def _precision(dtype):
 
 
 def _rows(x):
-    """x [B, T, H, D] and its row stride, in the layout the kernels read (each token a row, heads D apart, unit-
-    stride features, sequences one after another): contiguous tensors and head views of a wider projection
-    output already are; anything else is copied."""
+    """x [B, T, H, D] and its row stride, in the layout the kernels read (a row per token, heads D apart, unit-stride
+    features): contiguous tensors and head views of a wider projection output are; others are copied."""
     B, T, H, D = x.shape
     packed = x.stride(3) == 1 and (H == 1 or x.stride(2) == D) and (B == 1 or x.stride(0) == T * x.stride(1))
     x = x if packed else x.contiguous()
@@ -536,9 +538,8 @@ def _states_shape(B, T, H, K, V):
 
 
 def _boundary_states(x, stride_x, y, stride_y, g, stride_g, initial, scale, reverse):
-    """Three phases, launches 1 and 2: the state (forward: x, y = k, v) or the state's gradient (backward:
-    x, y = q, do) at every chunk boundary, [B, H, NT + 1, K, V] float32. See the two kernels for which slot
-    holds what. x, y, g come as _rows gives them, with their row strides."""
+    """Three phases, launches 1 and 2: the state (forward: x, y = k, v) or its gradient (backward: x, y = q, do) at
+    every chunk boundary, [B, H, NT + 1, K, V] float32 (slots: see the kernels); x, y, g as _rows gives them."""
     (B, T, H, K), V = x.shape, y.shape[-1]
     NT = triton.cdiv(T, CHUNK)
     states = torch.empty(B, H, NT + 1, K, V, device=x.device, dtype=torch.float32)
@@ -649,8 +650,7 @@ gla_forward_op.register_autograd(_gla_gradients, setup_context=_save_for_backwar
 
 
 class _EagerGLA(torch.autograd.Function):
-    """The same forward and backward outside torch.compile: a custom operator's dispatch adds host time to every
-    eager call (at DiG-S/2 sizes comparable to the kernels' GPU time); a plain autograd.Function much less."""
+    """The same forward and backward outside torch.compile, for less host time per call than an operator's."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state):
